@@ -1,0 +1,106 @@
+"""Lightning callbacks that measure a run: throughput (tokens/s), step time, peak memory and an
+MFU estimate. They time windows of ``log_every_n_steps`` steps with a host clock and synchronize
+the device only at window boundaries, so the training step itself never waits on the host.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far: CUDA allocator peak on GPU, process max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SpeedMonitor(L.Callback):
+    """Logs ``perf/tokens_per_s``, ``perf/step_ms``, ``perf/mfu`` and ``perf/peak_mem_mb``.
+
+    ``peak_flops`` is the device's achievable bf16/fp32 matmul rate used for MFU (``None`` =
+    leave MFU out). The run-level averages (first window excluded as warm-up when there are
+    several) are kept in :attr:`summary` for ``results.json``.
+    """
+
+    def __init__(self, peak_flops: Optional[float] = None):
+        self.peak_flops = peak_flops
+        self.windows: list[tuple[int, float, int]] = []  # (steps, seconds, tokens)
+        self._t0: Optional[float] = None
+        self._steps = 0
+        self._tokens = 0
+        self._fit_start: Optional[float] = None
+        self.train_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            _sync(pl_module.device)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._steps += 1
+        self._tokens += batch[0].numel()
+        if self._steps >= max(1, trainer.log_every_n_steps):
+            self._close_window(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # Evaluation time is not training time: close the open window before it.
+        if self._steps:
+            self._close_window(trainer, pl_module)
+        self._t0 = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._steps:
+            self._close_window(trainer, pl_module)
+        if self._fit_start is not None:
+            self.train_seconds = time.perf_counter() - self._fit_start
+
+    def _close_window(self, trainer, pl_module) -> None:
+        _sync(pl_module.device)
+        now = time.perf_counter()
+        seconds = now - (self._t0 if self._t0 is not None else now)
+        self.windows.append((self._steps, seconds, self._tokens))
+        if seconds > 0:
+            tps = self._tokens / seconds
+            metrics = {"perf/tokens_per_s": tps, "perf/step_ms": 1000 * seconds / self._steps,
+                       "perf/peak_mem_mb": peak_memory_mb(pl_module.device)[0]}
+            mfu = self._mfu(pl_module, tps)
+            if mfu is not None:
+                metrics["perf/mfu"] = mfu
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        self._t0, self._steps, self._tokens = now, 0, 0
+
+    def _mfu(self, pl_module, tokens_per_s: float) -> Optional[float]:
+        if not self.peak_flops:
+            return None
+        seq_len = pl_module.model.config.block_size
+        return tokens_per_s * pl_module.model.flops_per_token(seq_len) / self.peak_flops
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        windows = self.windows[1:] if len(self.windows) > 1 else self.windows
+        steps = sum(w[0] for w in windows)
+        seconds = sum(w[1] for w in windows)
+        tokens = sum(w[2] for w in windows)
+        if not steps or seconds <= 0:
+            return {}
+        return {"tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / steps,
+                "measured_steps": steps, "train_seconds": self.train_seconds}

@@ -1,0 +1,116 @@
+"""The LightningModule: loss, evaluation metrics, optimizer and learning-rate schedule around
+:class:`attn_lm.model.GPT`. The loop, precision, gradient clipping/accumulation, checkpointing
+and logging are Lightning's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from .config import GPTConfig, gpt_config_from_dict
+from .model import GPT
+
+
+class LitGPT(L.LightningModule):
+    """Trains a :class:`GPT` as a causal language model.
+
+    ``optim``: ``lr``, ``weight_decay``, ``betas``, ``eps``, ``warmup_steps``, ``min_lr_ratio``
+    (cosine floor as a fraction of ``lr``) and ``fused`` (``auto`` = fused AdamW on CUDA).
+    Evaluation reports the token-weighted mean loss over the whole split (targets of ``-1`` are
+    not scored), its perplexity, and the data module's unit metrics (bits per character/byte,
+    word perplexity) when it provides them.
+    """
+
+    def __init__(self, model_config: GPTConfig | dict, optim: dict[str, Any], compile: bool = False):
+        super().__init__()
+        if not isinstance(model_config, GPTConfig):  # restored from a checkpoint's hyperparameters
+            model_config = gpt_config_from_dict(model_config)
+        self.save_hyperparameters({"model_config": asdict(model_config), "optim": dict(optim), "compile": compile})
+        self.model_config = model_config
+        self.optim = dict(optim)
+        self.model = GPT(model_config)
+        self.compile = compile
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        object.__setattr__(self, "_compiled", None)
+
+    def configure_model(self) -> None:
+        if self.compile and self._compiled is None:
+            # Kept out of the module tree (no duplicate parameters in checkpoints).
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        return (self._compiled or self.model)(idx, targets)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, metric: MeanMetric) -> None:
+        x, y = batch
+        _, loss = self(x, y)
+        metric.update(loss.detach(), weight=(y != -1).sum())
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_loss)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_loss)
+
+    def _eval_epoch_end(self, split: str, metric: MeanMetric) -> None:
+        loss = metric.compute()
+        metric.reset()
+        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
+        self.log(f"{split}/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "extra_metrics"):
+            data_split = {"val": "validation"}.get(split, split)
+            for name, value in dm.extra_metrics(data_split, float(loss)).items():
+                self.log(f"{split}/{name}", float(value), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val", self.val_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", self.test_loss)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Matrices (linear and embedding weights) decay; biases and norm gains do not.
+            (decay if param.dim() >= 2 else no_decay).append(param)
+        o = self.optim
+        fused = o.get("fused", "auto")
+        fused = torch.cuda.is_available() and self.device.type == "cuda" if fused == "auto" else bool(fused)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"], betas=tuple(o["betas"]), eps=o.get("eps", 1e-8), fused=fused,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = warmup_cosine(int(o["warmup_steps"]), total, float(o["min_lr_ratio"]))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine decay to
+    ``min_ratio`` at ``total_steps`` (and flat after)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,125 @@
+"""Sweeps over mechanisms: training budgets and resumable multiruns.
+
+Budgets (``conf/experiment/compare_attention.yaml``): every run of a comparison gets the same
+budget, one of
+
+* steps — ``budget.steps`` (``trainer.max_steps``);
+* tokens — ``budget.tokens``: converted to ``trainer.max_steps = ceil(tokens / (batch_size *
+  block_size * accumulate_grad_batches))`` by the ``attn_lm.budget_steps`` resolver, so runs at
+  different block or batch sizes see the same number of training tokens;
+* wall clock — ``budget.time`` (``trainer.max_time``, ``"DD:HH:MM:SS"``); runs stop at whichever
+  of the step and time limits comes first.
+
+:func:`budget_summary` reads back which limit applied from a resolved config (it goes into
+``results.json`` and the comparison report).
+
+Resumable multiruns: the preset gives every job a deterministic directory
+(``multirun/<experiment_name>/<overrides>``) and sets ``skip_completed: true``; re-running the
+same multirun then skips each job whose ``results.json`` is complete for the same config
+(:func:`completed_results`) and runs the others (new, failed or interrupted ones) again.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def steps_for_tokens(tokens: int, batch_size: int, block_size: int, accumulate: Optional[int] = 1) -> int:
+    """Optimizer steps that consume at least ``tokens`` training tokens."""
+    per_step = int(batch_size) * int(block_size) * int(accumulate or 1)
+    if int(tokens) <= 0 or per_step <= 0:
+        raise ValueError(f"budget.tokens={tokens} and tokens per step={per_step} must be positive")
+    return math.ceil(int(tokens) / per_step)
+
+
+def _budget_steps(steps: Optional[int], tokens: Optional[int], batch_size: int, block_size: int,
+                  accumulate: Optional[int]) -> int:
+    """Resolver ``${attn_lm.budget_steps:steps,tokens,batch,block,accum}``: the token budget in
+    steps when ``tokens`` is set, else ``steps`` (``-1`` = no step limit, for time budgets)."""
+    if tokens is not None:
+        return steps_for_tokens(tokens, batch_size, block_size, accumulate)
+    return -1 if steps is None else int(steps)
+
+
+OmegaConf.register_new_resolver("attn_lm.budget_steps", _budget_steps, replace=True)
+
+
+def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Which budget a run used, from its resolved config (a dict or DictConfig).
+
+    ``kind`` is ``"steps"``, ``"tokens"``, ``"time"`` or ``"steps+time"`` / ``"tokens+time"``
+    (stop at whichever comes first); ``text`` says it in words for reports.
+    """
+    if isinstance(config, DictConfig):  # only these nodes (a composed config's hydra node may not resolve)
+        config = {k: OmegaConf.to_container(config[k], resolve=True) for k in ("trainer", "data", "budget") if k in config}
+    trainer, data = config["trainer"], config["data"]
+    tokens_per_step = int(data["batch_size"]) * int(data["block_size"]) * int(trainer.get("accumulate_grad_batches") or 1)
+    max_steps = trainer.get("max_steps")
+    max_steps = None if max_steps is None or int(max_steps) < 0 else int(max_steps)
+    max_time = trainer.get("max_time")
+    tokens = (config.get("budget") or {}).get("tokens")
+    limits, words = [], []
+    if max_steps is not None:
+        if tokens is not None and max_steps == steps_for_tokens(tokens, data["batch_size"], data["block_size"],
+                                                                 trainer.get("accumulate_grad_batches")):
+            limits.append("tokens")
+            words.append(f"{_si(tokens)} tokens ({max_steps} steps)")
+        else:
+            limits.append("steps")
+            words.append(f"{max_steps} steps ({_si(max_steps * tokens_per_step)} tokens)")
+    if max_time:
+        limits.append("time")
+        words.append(f"wall clock {max_time}")
+    return {
+        "kind": "+".join(limits) or "none",
+        "max_steps": max_steps,
+        "max_time": max_time,
+        "tokens": tokens,
+        "tokens_per_step": tokens_per_step,
+        "text": " or ".join(words) or "no limit",
+    }
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _plain(cfg: DictConfig) -> Any:
+    """The resolved config as ``results.json`` stores it (JSON types only)."""
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+
+
+def completed_results(out: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The ``results.json`` of a finished run of the same config in ``out``, when ``cfg.skip_completed``.
+
+    ``None`` (run it) when skipping is off, there is no ``results.json``, it is unreadable or
+    not ``status == "complete"``, or it was written for a different config.
+    """
+    if not cfg.get("skip_completed"):
+        return None
+    path = Path(out) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("re-running %s: its results.json is unreadable (%s)", out, err)
+        return None
+    if results.get("status") != "complete":
+        log.warning("re-running %s: results.json has status %r", out, results.get("status"))
+        return None
+    if results.get("config") != _plain(cfg):
+        log.warning("re-running %s: results.json was written for a different config", out)
+        return None
+    log.info("skipping %s: complete results.json for the same config (skip_completed=false re-runs it)", out)
+    return results

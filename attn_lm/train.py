@@ -1,0 +1,149 @@
+"""Main job: ``python -m attn_lm.train [overrides]`` (console script ``attn-lm-train``).
+
+Composes ``conf/train.yaml``, builds the data module, the model (every layer's attention
+validated before anything runs), the Lightning trainer with its loggers and callbacks, trains,
+evaluates, and writes ``results.json`` into the run directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from .callbacks import SpeedMonitor, peak_memory_mb
+from .configure import CONF_DIR, gpt_config
+from .lit_module import LitGPT
+from .sweep import budget_summary, completed_results
+
+
+def run_dir() -> Path:
+    """The run's output directory (Hydra's, or the working directory outside Hydra)."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+def check_writable(directory: Path) -> None:
+    """Fail at start, not after training, when outputs cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output directory {directory} is not writable ({err.strerror}); "
+                      "set hydra.run.dir=... to a writable location") from err
+
+
+def library_versions() -> dict[str, str]:
+    import hydra as hydra_pkg
+    import lightning
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "hydra": hydra_pkg.__version__}
+
+
+def device_name(module: L.LightningModule) -> str:
+    if module.device.type == "cuda":
+        return torch.cuda.get_device_name(module.device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def build_loggers(cfg: DictConfig, out: Path) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        if "wandb" in str(node.get("_target_", "")).lower() and not os.environ.get("WANDB_API_KEY"):
+            # No key: log offline so the run never waits on the network; `wandb sync` uploads later.
+            os.environ.setdefault("WANDB_MODE", "offline")
+        loggers.append(instantiate(node, save_dir=str(out)))
+    return loggers
+
+
+def _metric(metrics: dict, key: str) -> Optional[float]:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by ``cfg``; returns the ``results.json`` content."""
+    out = run_dir()
+    finished = completed_results(out, cfg)  # resumable sweeps: skip_completed=true
+    if finished is not None:
+        return finished
+    check_writable(out)
+    L.seed_everything(int(cfg.seed), workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model_config = gpt_config(cfg, vocab_size=datamodule.vocab_size)
+    if int(cfg.data.block_size) > model_config.block_size:
+        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
+                         f"{model_config.block_size}, the longest context the model supports")
+    module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=bool(cfg.compile))
+    speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", monitor="val/loss",
+                                 mode="min", save_last=True, auto_insert_metric_name=False)
+    loggers = build_loggers(cfg, out)
+    callbacks = [checkpoint, speed] + ([LearningRateMonitor("step")] if loggers else [])
+    trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
+                                     callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.get("test_after_training") else {}
+    wall = time.perf_counter() - start
+    peak, peak_kind = peak_memory_mb(module.device)
+    best = checkpoint.best_model_score
+    results = {
+        "status": "complete",
+        "run_dir": str(out),
+        "attention": module.model.layer_types,
+        "params": module.model.num_parameters(),
+        "steps": trainer.global_step,
+        "budget": budget_summary(cfg),
+        "tokens_seen": trainer.global_step * int(cfg.data.batch_size) * int(cfg.data.block_size)
+        * int(cfg.trainer.get("accumulate_grad_batches") or 1),
+        "val_loss": _metric(val, "val/loss"),
+        "val_ppl": _metric(val, "val/ppl"),
+        "best_val_loss": None if best is None else float(best),
+        "val_metrics": {k: float(v) for k, v in val.items()},
+        "test_metrics": {k: float(v) for k, v in test.items()},
+        **speed.summary,
+        "peak_memory_mb": peak,
+        "peak_memory_kind": peak_kind,
+        "wall_time_s": wall,
+        "device": device_name(module),
+        "precision": str(trainer.precision),
+        "versions": library_versions(),
+        "dataset": datamodule.fingerprint,
+        "checkpoint": str(checkpoint.last_model_path or ""),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"[attn_lm] val loss {results['val_loss']:.4f} | val ppl {results['val_ppl']:.2f} | "
+          f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s | results: {out / 'results.json'}")
+    return results
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    results = train(cfg)
+    return results["val_loss"]  # the objective for Hydra sweepers (e.g. Optuna)
+
+
+if __name__ == "__main__":
+    main()

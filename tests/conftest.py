@@ -1,0 +1,22 @@
+"""Shared fixtures: a token cache directory reused by every test in the session, and the Hydra
+overrides that make any training run tiny and offline."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture
+def smoke_overrides(token_cache) -> list[str]:
+    """A tiny run on a slice of the embedded default corpus (real text, no network)."""
+    return ["debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000", "trainer.enable_progress_bar=false"]

@@ -1,0 +1,124 @@
+"""GPT and TransformerBlock: public API, shapes, init, per-layer attention, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig, TransformerBlock
+from attn_lm.attention import reference_mode
+
+
+def tiny(**kw) -> GPTConfig:
+    base = dict(vocab_size=61, block_size=32, n_layer=2, d_model=32, n_heads=4)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def test_public_api_shapes_and_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 61, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, 61)
+    logits2, loss = model(idx, torch.randint(0, 61, (3, 17)))
+    torch.testing.assert_close(logits, logits2)
+    # Fresh GPT-2 init predicts roughly uniformly: loss near ln(V).
+    assert abs(loss.item() - math.log(61)) < 0.3
+
+
+def test_ignore_index_targets_are_not_scored():
+    torch.manual_seed(0)
+    model = GPT(tiny())
+    idx = torch.randint(0, 61, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    logits, loss = model(idx, targets)
+    manual = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 61), idx[:, 4:].reshape(-1))
+    torch.testing.assert_close(loss, manual)
+
+
+def test_weight_tying_and_scaled_residual_init():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=8, d_model=64))
+    assert model.lm_head.weight is model.wte.weight
+    out_std = model.blocks[0].attn.out.weight.std().item()
+    qkv_std = model.blocks[0].attn.qkv.weight.std().item()
+    assert out_std == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
+    assert qkv_std == pytest.approx(0.02, rel=0.1)
+
+
+def test_per_layer_attention_list_is_honoured():
+    cfg = tiny(n_layer=3, attention=[AttentionConfig("full"), AttentionConfig("sdpa"), AttentionConfig("flash")])
+    model = GPT(cfg)
+    assert model.layer_types == ["full", "sdpa", "flash"]
+    # model-level sizes are authoritative in every layer
+    assert all(b.attn.config.d_model == 32 and b.attn.config.max_seq_len == 32 for b in model.blocks)
+
+
+def test_model_fast_path_equals_reference_path():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention=AttentionConfig("full"))).double()
+    idx = torch.randint(0, 61, (2, 20))
+    fast = model(idx)
+    with reference_mode(model):
+        ref = model(idx)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_transformer_block_standalone(mlp):
+    block = TransformerBlock(AttentionConfig(attention_type="full", d_model=64, n_heads=4), mlp=mlp)
+    x = torch.randn(2, 10, 64)
+    assert block(x).shape == x.shape
+
+
+def test_readme_attention_example():
+    config = AttentionConfig(attention_type="flash", d_model=512, n_heads=8, dropout=0.1)
+    attention = AttentionFactory.create_attention(config)
+    x = torch.randn(2, 128, 512)
+    assert attention(x).shape == (2, 128, 512)
+    assert "full" in AttentionFactory.available() and "mha" in AttentionFactory.available()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(d_model=30, n_heads=4), "n_heads=4 does not divide d_model=30"),
+    (dict(n_layer=0), "n_layer must be positive"),
+    (dict(mlp="relu"), "mlp='relu'"),
+    (dict(position="spiral"), "position='spiral'"),
+    (dict(n_layer=3, attention=[AttentionConfig()] * 2), "2 per-layer entries but n_layer=3"),
+])
+def test_bad_model_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPT(tiny(**kwargs))
+
+
+def test_bad_attention_config():
+    with pytest.raises(ValueError, match="unknown attention_type 'nope'; available: .*full"):
+        AttentionFactory.create_attention(AttentionConfig("nope"))
+    with pytest.raises(ValueError, match="option window_size=8 does not apply to attention_type 'full'"):
+        AttentionFactory.create_attention(AttentionConfig("full", window_size=8))
+    with pytest.raises(ValueError, match="does not divide d_model"):
+        AttentionConfig("full", d_model=10, n_heads=3)
+    with pytest.raises(ValueError, match="needs a context"):
+        AttentionFactory.create_attention(AttentionConfig("cross", d_model=16, n_heads=2))(torch.randn(1, 4, 16))
+    with pytest.raises(ValueError, match="takes no context"):
+        AttentionFactory.create_attention(AttentionConfig("full", d_model=16, n_heads=2))(
+            torch.randn(1, 4, 16), context=torch.randn(1, 4, 16))
+
+
+def test_learned_positions_reject_too_long_input():
+    model = GPT(tiny(block_size=8))
+    with pytest.raises(ValueError, match="learned positions are defined up to 7"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = GPT(tiny(attention=[AttentionConfig("full"), AttentionConfig("cross")])).double().eval()
+    idx = torch.randint(0, 61, (2, 20))
+    full = model(idx)
+    caches = model.new_caches(2, 20)
+    steps = [model(idx[:, :7], caches=caches)] + [model(idx[:, t:t + 1], caches=caches) for t in range(7, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)

@@ -1,0 +1,134 @@
+"""The main job end to end: Hydra composition, training, evaluation, results.json, resume,
+per-layer attention, multirun and bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from attn_lm.configure import CONF_DIR
+from attn_lm.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def run_cli(args, cwd, check=True):
+    proc = subprocess.run([sys.executable, "-m", "attn_lm.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_losses(run: Path) -> list[float]:
+    rows = []
+    for path in sorted(run.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            rows += [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return rows
+
+
+def test_cli_trains_on_real_text_and_writes_results(tmp_path, smoke_overrides):
+    run = tmp_path / "run"
+    proc = run_cli([*smoke_overrides, "trainer.max_steps=40", "trainer.val_check_interval=20",
+                    f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert "val loss" in proc.stdout and "tokens/s" in proc.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "complete" and results["steps"] == 40
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns
+    assert results["val_loss"] < math.log(256) - 0.5
+    assert results["val_ppl"] == pytest.approx(math.exp(results["val_loss"]), rel=1e-4)
+    for key in ("params", "tokens_per_s", "peak_memory_mb", "wall_time_s", "device", "versions", "dataset",
+                "best_val_loss", "test_metrics", "config", "attention"):
+        assert results[key] is not None, key
+    assert results["tokens_per_s"] > 0 and results["params"] > 0
+    assert results["dataset"]["source"] == "stdlib" and results["dataset"]["splits"]
+    assert results["test_metrics"]["test/bits_per_byte"] > 0
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_per_layer_attention_list_and_layer_options(tmp_path, smoke_overrides, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg([*smoke_overrides, "model.n_layer=3",
+                       "model.layer_attention=[sdpa,{attention_type:sdpa,backend:math},full]",
+                       "attention=sdpa", "attention.backend=flash"])
+    results = train(cfg)
+    assert results["attention"] == ["sdpa", "sdpa", "full"]
+    ckpt = __import__("torch").load(results["checkpoint"], map_location="cpu", weights_only=False)
+    layers = ckpt["hyper_parameters"]["model_config"]["attention"]
+    # a bare name matching the selected group takes its command-line overrides; a mapping overrides its file
+    assert [layer["backend"] for layer in layers] == ["flash", "math", None]
+
+
+def test_resume_continues_at_the_right_step(tmp_path, smoke_overrides, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train(compose_cfg([*smoke_overrides, "trainer.max_steps=6"]))
+    assert first["steps"] == 6
+    resumed = train(compose_cfg([*smoke_overrides, "trainer.max_steps=10", f"ckpt_path={first['checkpoint']}"]))
+    assert resumed["steps"] == 10
+
+
+def test_multirun_sweeps_overrides(tmp_path, smoke_overrides):
+    sweep = tmp_path / "sweep"
+    run_cli(["-m", *smoke_overrides, "attention=full", "model.n_layer=1,2", "trainer.max_steps=2",
+             "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [len(r["attention"]) for r in results] == [1, 2]
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.n_heads=3", "n_heads=3 does not divide d_model=32"),
+    ("data.block_size=64 model.block_size=32", "data.block_size=64 is larger than model.block_size=32"),
+    ("+attention.window_size=8", "option window_size=8 does not apply to attention_type 'full'"),
+    ("model.layer_attention=[full]", "model.layer_attention has 1 entries but model.n_layer=2"),
+])
+def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, smoke_overrides, monkeypatch, override, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        train(compose_cfg([*smoke_overrides, *override.split()]))
+    assert not list(tmp_path.glob("**/*.ckpt"))  # nothing was trained
+
+
+def test_unknown_config_key_or_group_option_is_rejected():
+    with pytest.raises(ConfigCompositionException, match="model.colour"):
+        compose_cfg(["model.colour=red"])
+    with pytest.raises(ConfigCompositionException, match="attention.*nope"):
+        compose_cfg(["attention=nope"])
+
+
+def test_missing_data_file_is_reported_by_the_cli(tmp_path, smoke_overrides):
+    proc = run_cli([*smoke_overrides, "data=text_files", f"data.train={tmp_path / 'missing.txt'}",
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "missing.txt" in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path, smoke_overrides, monkeypatch):
+    blocked = tmp_path / "file_not_dir"
+    blocked.write_text("x")
+    proc = run_cli([*smoke_overrides, f"hydra.run.dir={blocked / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+
+
+def test_wandb_logger_runs_offline_without_a_key(tmp_path, smoke_overrides, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    results = train(compose_cfg([*smoke_overrides, "logger=wandb", "trainer.max_steps=2",
+                                 "trainer.val_check_interval=2"]))
+    assert results["status"] == "complete"
+    assert list(Path(results["run_dir"]).glob("wandb/offline-run-*"))
