@@ -1,0 +1,33 @@
+"""Data layer of attn_lm: corpora, tokenizers, the token cache and the Lightning data module.
+
+Typical use (what Hydra does with ``conf/data/<preset>.yaml``)::
+
+    from attn_lm.data import LMDataModule
+
+    dm = LMDataModule(source="tinyshakespeare", tokenizer="char", block_size=256, root="/data")
+    dm.prepare_data(); dm.setup()
+    model = GPT(vocab_size=dm.vocab_size, block_size=dm.block_size, ...)
+    ...
+    dm.extra_metrics("validation", mean_val_loss)   # {"bits_per_char": ..., "word_perplexity": ...}
+
+Modules: :mod:`~attn_lm.data.sources` (text of each split), :mod:`~attn_lm.data.tokenizers`,
+:mod:`~attn_lm.data.cache` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
+(training and evaluation windows) and :mod:`~attn_lm.data.datamodule`.
+"""
+
+from .datamodule import LMDataModule
+from .sources import SOURCES, Corpus, load_corpus
+from .tokenizers import TOKENIZERS, Tokenizer, build_tokenizer, load_tokenizer
+from .windows import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SOURCES",
+    "TOKENIZERS",
+    "Corpus",
+    "LMDataModule",
+    "Tokenizer",
+    "build_tokenizer",
+    "load_corpus",
+    "load_tokenizer",
+]

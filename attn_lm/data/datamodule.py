@@ -1,0 +1,334 @@
+"""``LMDataModule``: the one object the training script needs for data.
+
+Pipeline, run by :meth:`LMDataModule.prepare_data` / :meth:`LMDataModule.setup`::
+
+    load_corpus(source, ...)  ->  Corpus (text of train / validation / test + fingerprint)
+    open_or_build(corpus, tokenizer, vocab_size, cache_dir)
+                              ->  TokenCache (tokenizer + memory-mapped ids; built once)
+    RandomWindows / EvalWindows ->  DataLoaders of (x, y) int64 [B, T] batches
+
+Hydra instantiates it from ``conf/data/<preset>.yaml`` (``_target_: attn_lm.data.LMDataModule``);
+every key of that file is a constructor keyword. Configuration mistakes (unknown names, options
+that do not apply to the source, bad sizes) raise in the constructor; data mistakes (missing or
+empty files, non-UTF-8 text, a split shorter than one window) raise in ``prepare_data``/``setup``.
+Both raise ``ValueError``/``FileNotFoundError`` with the offending value and the valid choices,
+before any training step.
+
+After ``setup()`` the model and the logger read:
+
+* ``vocab_size``, ``tokenizer``;
+* ``fingerprint``: JSON-serialisable description of the exact data (source, files, SHA-256 of
+  every split, tokenizer, token counts), meant for ``results.json``;
+* ``split_stats[split]``: ``tokens``, ``characters``, ``bytes``, ``words`` of each split;
+* ``extra_metrics(split, mean_loss)``: the mean next-token loss (nats) converted into
+  tokenizer-independent units (bits per character / byte, word-level perplexity), and
+  ``primary_metric``, the name of the one that suits the tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from .cache import TokenArray, TokenCache, open_or_build
+from .sources import SPLITS, PathSpec, check_source_options, load_corpus
+from .tokenizers import Tokenizer, check_tokenizer_options
+from .windows import EpochSampler, EvalWindows, RandomWindows
+
+LN2 = math.log(2.0)
+#: ``math.exp`` overflows above this; larger exponents are reported as ``inf``.
+MAX_EXP_ARG = 709.0
+
+
+class LMDataModule(L.LightningDataModule):
+    """Language-modelling data: a corpus, a tokenizer and windows of ``block_size`` tokens.
+
+    General arguments:
+        source: ``"stdlib"`` (default, embedded, offline), ``"text_files"``, ``"hub"``,
+            ``"tinyshakespeare"`` or ``"wikitext2"`` (see :mod:`attn_lm.data.sources`).
+        tokenizer: ``"char"``, ``"byte"``, ``"word"`` or ``"bpe"`` (see :mod:`attn_lm.data.tokenizers`).
+        vocab_size: required for ``bpe``; optional cap for ``word`` (rarer words become ``<unk>``).
+        block_size: context length ``T`` of every window.
+        batch_size / eval_batch_size: windows per training / evaluation batch
+            (``eval_batch_size`` defaults to ``batch_size``).
+        samples_per_epoch: random training windows per epoch (a multiple of ``batch_size`` is
+            tidiest: the last incomplete batch is dropped so every batch has the same shape).
+        eval_stride: ``None`` = disjoint evaluation windows; ``s < block_size`` = sliding windows
+            scoring the last ``s`` targets of each.
+        max_eval_tokens: evaluate on only the first this-many tokens of validation/test (smoke
+            runs); ``None`` = whole split.
+        seed: seed of the training windows.
+        num_workers: DataLoader worker processes.
+        cache_dir: where token caches (and downloads) go; ``~`` is expanded.
+        download: let ``tinyshakespeare`` / ``wikitext2`` fetch their corpus when no local copy
+            is found (``hub`` datasets are fetched by ``datasets``; set ``HF_DATASETS_OFFLINE=1``
+            to forbid that).
+
+    Source options (``None`` = not set; setting one the source does not use is an error):
+        root: local folder of ``tinyshakespeare`` / ``wikitext2``.
+        train, validation, test: ``text_files``: a file, folder or list of them; ``hub``: split
+            names. Missing validation/test are carved from the end of train.
+        holdout_fraction: share of train carved for each missing split (default 0.05).
+        max_chars: cap on characters per split (``stdlib``, ``text_files``, ``hub``).
+        path, name, data_files, revision, text_field, streaming: ``hub`` only, passed to
+            ``datasets.load_dataset``; ``text_field`` (default ``"text"``) is the text column.
+    """
+
+    def __init__(
+        self,
+        source: str = "stdlib",
+        tokenizer: str = "byte",
+        vocab_size: Optional[int] = None,
+        block_size: int = 256,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        samples_per_epoch: int = 10_240,
+        eval_stride: Optional[int] = None,
+        max_eval_tokens: Optional[int] = None,
+        seed: int = 1337,
+        num_workers: int = 0,
+        cache_dir: Union[str, Path] = "~/.cache/attn_lm",
+        download: bool = True,
+        root: Optional[Union[str, Path]] = None,
+        train: Optional[PathSpec] = None,
+        validation: Optional[PathSpec] = None,
+        test: Optional[PathSpec] = None,
+        holdout_fraction: Optional[float] = None,
+        max_chars: Optional[int] = None,
+        path: Optional[str] = None,
+        name: Optional[str] = None,
+        data_files: Optional[Any] = None,
+        revision: Optional[str] = None,
+        text_field: Optional[str] = None,
+        streaming: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        check_tokenizer_options(tokenizer, vocab_size)
+        source_options = {
+            "root": root,
+            "train": train,
+            "validation": validation,
+            "test": test,
+            "holdout_fraction": holdout_fraction,
+            "max_chars": max_chars,
+            "path": path,
+            "name": name,
+            "data_files": data_files,
+            "revision": revision,
+            "text_field": text_field,
+            "streaming": streaming,
+        }
+        self.source_options = check_source_options(source, {k: _plain(v) for k, v in source_options.items()})
+        for key, value in (
+            ("block_size", block_size),
+            ("batch_size", batch_size),
+            ("samples_per_epoch", samples_per_epoch),
+        ):
+            _require_positive(key, value)
+        for key, value in (("eval_batch_size", eval_batch_size), ("max_eval_tokens", max_eval_tokens)):
+            if value is not None:
+                _require_positive(key, value)
+        if eval_stride is not None and not 1 <= eval_stride <= block_size:
+            raise ValueError(
+                f"eval_stride must be in [1, block_size={block_size}] or null (= block_size), got {eval_stride}"
+            )
+        if samples_per_epoch < batch_size:
+            raise ValueError(
+                f"samples_per_epoch={samples_per_epoch} is smaller than batch_size={batch_size}: "
+                "an epoch would have no batch"
+            )
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.source = source
+        self.tokenizer_kind = tokenizer
+        self.requested_vocab_size = vocab_size
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.eval_stride = eval_stride
+        self.max_eval_tokens = max_eval_tokens
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.download = download
+        self._cache: Optional[TokenCache] = None
+        self._corpus_fingerprint: dict[str, Any] = {}
+        self._datasets: Optional[dict[str, Any]] = None
+
+    # ---------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ---------------------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Read (or download) the corpus and build its token cache if needed. Idempotent."""
+        self._open_cache()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Open the cache and build the datasets of all three splits; later calls return at once."""
+        if self._datasets is not None:
+            return
+        cache = self._open_cache()
+        tokens = {split: cache.tokens(split) for split in SPLITS}
+        if self.max_eval_tokens is not None:
+            tokens.update({split: tokens[split].head(self.max_eval_tokens) for split in ("validation", "test")})
+        for split, array in tokens.items():
+            self._check_length(split, array)
+        self._datasets = {
+            "train": RandomWindows(tokens["train"], self.block_size, self.samples_per_epoch, self.seed),
+            "validation": EvalWindows(tokens["validation"], self.block_size, self.eval_stride),
+            "test": EvalWindows(tokens["test"], self.block_size, self.eval_stride),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._dataset("train"),
+            batch_size=self.batch_size,
+            sampler=EpochSampler(self.samples_per_epoch),
+            drop_last=True,
+            **self._loader_options(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # ---------------------------------------------------------------------------------------
+    # What the model and the logger read after setup()
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._ready().tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._ready().tokenizer.vocab_size
+
+    @property
+    def split_stats(self) -> dict[str, dict[str, int]]:
+        """``{split: {"tokens", "characters", "bytes", "words"}}`` of the whole splits."""
+        return self._ready().split_stats
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What exactly is being trained on, as a JSON-serialisable dict (for ``results.json``)."""
+        cache = self._ready()
+        fingerprint = dict(self._corpus_fingerprint)
+        fingerprint["splits"] = {
+            split: {**info, **cache.split_stats[split]} for split, info in self._corpus_fingerprint["splits"].items()
+        }
+        fingerprint["tokenizer"] = cache.meta["tokenizer"]
+        fingerprint["cache"] = cache.directory.name
+        return fingerprint
+
+    @property
+    def primary_metric(self) -> str:
+        """Key of :meth:`extra_metrics` that suits the tokenizer (``bits_per_char`` for char, ...)."""
+        return self._ready().tokenizer.primary_metric
+
+    def metric_units(self, split: str) -> dict[str, float]:
+        """Tokens per character, per UTF-8 byte and per word of ``split``.
+
+        A mean loss of ``L`` nats per token is ``L * tokens_per_char / ln 2`` bits per character;
+        "words" count one per line as well (see ``count_units``), matching word-level ``<eos>``.
+        """
+        stats = self.split_stats[split]
+        return {
+            "tokens_per_char": stats["tokens"] / stats["characters"],
+            "tokens_per_byte": stats["tokens"] / stats["bytes"],
+            "tokens_per_word": stats["tokens"] / stats["words"],
+        }
+
+    def extra_metrics(self, split: str, mean_loss: float) -> dict[str, float]:
+        """Convert a mean next-token loss (nats per token) on ``split`` into comparable units.
+
+        Returns ``perplexity`` and ``bits_per_token`` (per this tokenizer's tokens),
+        ``bits_per_char``, ``bits_per_byte`` and ``word_perplexity``. The conversions use the
+        token/character/byte/word ratios of the whole split (an approximation when
+        ``max_eval_tokens`` evaluates only a prefix). For the word tokenizer
+        ``word_perplexity == perplexity``.
+        """
+        units = self.metric_units(split)
+        return {
+            "perplexity": _safe_exp(mean_loss),
+            "bits_per_token": mean_loss / LN2,
+            "bits_per_char": mean_loss * units["tokens_per_char"] / LN2,
+            "bits_per_byte": mean_loss * units["tokens_per_byte"] / LN2,
+            "word_perplexity": _safe_exp(mean_loss * units["tokens_per_word"]),
+        }
+
+    # ---------------------------------------------------------------------------------------
+    # Internals
+    # ---------------------------------------------------------------------------------------
+
+    def _open_cache(self) -> TokenCache:
+        if self._cache is None:
+            corpus = load_corpus(self.source, cache_dir=self.cache_dir, download=self.download, **self.source_options)
+            self._cache = open_or_build(corpus, self.tokenizer_kind, self.requested_vocab_size, self.cache_dir)
+            self._corpus_fingerprint = corpus.fingerprint()
+        return self._cache
+
+    def _ready(self) -> TokenCache:
+        if self._cache is None:
+            raise RuntimeError("LMDataModule: call prepare_data() or setup() first; the corpus has not been loaded yet")
+        return self._cache
+
+    def _dataset(self, split: str) -> Any:
+        if self._datasets is None:
+            raise RuntimeError(f"LMDataModule: call setup() before asking for the {split} dataloader")
+        return self._datasets[split]
+
+    def _check_length(self, split: str, tokens: TokenArray) -> None:
+        needed = self.block_size + 1
+        if len(tokens) >= needed:
+            return
+        hint = f"use block_size <= {len(tokens) - 1}" if len(tokens) >= 2 else "this split is too small for any window"
+        truncated = (
+            split != "train"
+            and self.max_eval_tokens is not None
+            and self.max_eval_tokens < self.split_stats[split]["tokens"]
+        )
+        if truncated:
+            hint += f", or raise max_eval_tokens (={self.max_eval_tokens})"
+        raise ValueError(
+            f"the {split} split of source {self.source!r} has {len(tokens)} tokens with the {self.tokenizer_kind!r} "
+            f"tokenizer, fewer than block_size+1 = {needed}; {hint}"
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self._dataset(split), batch_size=self.eval_batch_size, shuffle=False, **self._loader_options()
+        )
+
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (what Hydra passes for lists and mappings) as plain Python objects."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _require_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _safe_exp(x: float) -> float:
+    return math.exp(x) if x <= MAX_EXP_ARG else math.inf

@@ -1,0 +1,124 @@
+"""From a long array of token ids to ``(x, y)`` training and evaluation windows.
+
+Both kinds of item are a pair of ``int64`` tensors of length ``block_size``: ``x = ids[s:s+T]``
+and ``y = ids[s+1:s+T+1]`` (the next token at every position). Targets that must not be scored
+are :data:`IGNORE_INDEX` (``-1``), which the model's cross-entropy ignores.
+
+Training (:class:`RandomWindows` + :class:`EpochSampler`)
+    Item ``i`` is the window at an offset drawn from a generator seeded with ``(seed, i)``. The
+    sampler hands out *global* sample indices (epoch ``e`` gets ``e*N ... e*N+N-1``), so every
+    epoch sees fresh windows, any batch can be recomputed from its indices alone (reproducible
+    and resumable), and no state lives in worker processes. Lightning calls
+    :meth:`EpochSampler.set_epoch`; under DDP its ``DistributedSamplerWrapper`` shards these
+    indices across ranks and forwards ``set_epoch``.
+
+Evaluation (:class:`EvalWindows`)
+    A deterministic pass in which every target (token positions ``1 .. n-1``) is scored exactly
+    once. With ``stride == block_size`` the windows are disjoint. With a smaller stride each
+    window after the first scores only its last ``stride`` targets, the preceding
+    ``block_size - stride`` serving as context (a sliding-window evaluation: more compute, a
+    truer picture of long-context loss). The last window always ends at the last token; targets
+    that an earlier window already scored are masked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+#: Target value that the loss ignores (``F.cross_entropy(..., ignore_index=-1)``).
+IGNORE_INDEX = -1
+
+Window = tuple[torch.Tensor, torch.Tensor]
+
+
+def _window(tokens: Any, start: int, block_size: int) -> Window:
+    chunk = torch.from_numpy(np.asarray(tokens[start : start + block_size + 1], dtype=np.int64))
+    return chunk[:-1], chunk[1:].clone()
+
+
+class RandomWindows(Dataset):
+    """Windows at pseudo-random offsets; item ``i`` depends only on ``(seed, i)``.
+
+    ``len`` is the number of samples per epoch; indices past it are valid too (later epochs).
+    """
+
+    def __init__(self, tokens: Any, block_size: int, samples_per_epoch: int, seed: int) -> None:
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"need at least block_size+1 = {block_size + 1} tokens, got {len(tokens)}")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def offset(self, index: int) -> int:
+        """Start of window ``index``, uniform over every window that fits in the split."""
+        rng = np.random.default_rng((self.seed, index))
+        return int(rng.integers(0, len(self.tokens) - self.block_size))
+
+    def __getitem__(self, index: int) -> Window:
+        return _window(self.tokens, self.offset(index), self.block_size)
+
+
+class EpochSampler(Sampler[int]):
+    """Yields the global sample indices of the current epoch, in order."""
+
+    def __init__(self, samples_per_epoch: int) -> None:
+        self.samples_per_epoch = samples_per_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        first = self.epoch * self.samples_per_epoch
+        return iter(range(first, first + self.samples_per_epoch))
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+
+def eval_windows(n_tokens: int, block_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starts of the evaluation windows and how many leading targets of each to mask.
+
+    Window ``k`` covers targets at token positions ``starts[k]+1 .. starts[k]+block_size`` and
+    scores all but the first ``masked[k]``, so that positions ``1 .. n_tokens-1`` are scored
+    exactly once. Requires ``n_tokens >= block_size + 1`` and ``1 <= stride <= block_size``.
+    """
+    last_start = n_tokens - 1 - block_size
+    starts = np.arange(0, last_start + 1, stride, dtype=np.int64)
+    masked = np.full(len(starts), block_size - stride, dtype=np.int64)
+    masked[0] = 0
+    scored_up_to = int(starts[-1]) + block_size
+    if scored_up_to < n_tokens - 1:
+        starts = np.append(starts, last_start)
+        masked = np.append(masked, scored_up_to - last_start)
+    return starts, masked
+
+
+class EvalWindows(Dataset):
+    """The deterministic evaluation pass over ``tokens`` (see :func:`eval_windows`)."""
+
+    def __init__(self, tokens: Any, block_size: int, stride: Optional[int] = None) -> None:
+        stride = block_size if stride is None else stride
+        if not 1 <= stride <= block_size:
+            raise ValueError(f"eval stride must be in [1, block_size={block_size}], got {stride}")
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"need at least block_size+1 = {block_size + 1} tokens, got {len(tokens)}")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.starts, self.masked = eval_windows(len(tokens), block_size, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> Window:
+        x, y = _window(self.tokens, int(self.starts[index]), self.block_size)
+        y[: int(self.masked[index])] = IGNORE_INDEX
+        return x, y
