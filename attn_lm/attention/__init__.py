@@ -1,0 +1,17 @@
+"""Attention mechanisms, one module per family, all registered with :class:`AttentionFactory`.
+
+Importing this package imports every family module, which registers its mechanisms.
+"""
+# Registration order = the order of AttentionFactory.names() (family by family, as in the README).
+from . import softmax  # noqa: F401, I001  (full/mha/self, sdpa, flash, cross)
+from . import flash_blockwise  # noqa: F401  (flash_v1, flash_v2)
+from . import kernelized  # noqa: F401  (linear, performer, cosformer)
+from . import lowrank  # noqa: F401  (linformer, nystrom)
+from . import sparse  # noqa: F401  (local, block_sparse, strided, longformer, bigbird)
+from . import shared_kv  # noqa: F401  (gqa, mqa)
+from .base import Attention, SoftmaxAttention, iter_attention, reference_mode
+from .factory import AttentionFactory, register
+from .masks import MaskPattern
+
+__all__ = ["Attention", "SoftmaxAttention", "AttentionFactory", "MaskPattern", "register", "reference_mode",
+           "iter_attention"]

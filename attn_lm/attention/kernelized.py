@@ -1,0 +1,236 @@
+"""Kernel family: attention whose scores are a dot product of non-negative feature maps,
+``A_ij = phi(q_i) . phi(k_j)``, so that ``out_i = sum_j A_ij v_j / sum_j A_ij`` can be computed in
+time linear in the sequence length (see :mod:`attn_lm.attention.linear_scan`).
+
+* ``linear``    — ``phi(x) = elu(x) + 1`` (Katharopoulos et al., 2020, "Transformers are RNNs");
+* ``performer`` — FAVOR+ positive orthogonal random features, an unbiased estimate of the
+  softmax kernel ``exp(q . k / sqrt(d))`` (Choromanski et al., 2021, "Rethinking Attention with
+  Performers");
+* ``cosformer`` — ``phi = relu`` with a ``cos`` distance re-weighting split into two linear terms
+  (Qin et al., 2022, "cosFormer: Rethinking Softmax in Attention").
+
+Shared by all three (:class:`KernelizedAttention`):
+
+* causal form chunk-wise (``chunk_size``, default 128, the setting benchmarked in
+  benchmarks/RESULTS.md), non-causal form with one global sum:
+  time ``O(T F D)``, memory ``O(T F + (T / C) F D)`` per head for ``F`` features;
+* decoding with a :class:`~attn_lm.cache.RecurrentStateCache` holding ``(S, z)``: ``O(F D)``
+  per step and per layer, constant in the generated length;
+* ``attend_reference``: the explicit ``T x S`` form ``A = phi(Q) phi(K)^T`` masked, then
+  ``A V / A.sum(-1)``. A user mask cannot enter the linear form (it is an arbitrary ``T x S``
+  matrix), so with a mask ``attend`` runs this quadratic form too: correct, never ignored;
+* RoPE / xPos rotate ``q, k`` (at absolute positions, in ``Attention.forward``) *before* the
+  feature map, so rotated features stay consistent between the full forward and decoding;
+* no attention-probability dropout: no probability matrix exists on the linear path, so
+  ``dropout`` acts on the residual output only (both paths, so they agree).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..cache import RecurrentStateCache
+from .base import Attention
+from .factory import register
+from .linear_scan import causal_linear_attention, noncausal_linear_attention, quadratic_linear_attention
+from .masks import MaskPattern, combine_custom_mask
+
+
+class KernelizedAttention(Attention):
+    """Linear attention with a feature map ``phi``; subclasses define :meth:`feature_map` and
+    :attr:`feature_dim`. Computations run in at least float32 (features are exponentials or
+    sums over the whole prefix); the output is cast back to the input dtype."""
+
+    family: ClassVar[str] = "kernel"
+    exact: ClassVar[bool] = False
+    alibi_unsupported: ClassVar[Optional[str]] = (
+        "kernelized attention never forms the T x S score matrix that ALiBi biases; use position='rope' or "
+        "'xpos' (or a softmax/sparse mechanism) instead"
+    )
+    options: ClassVar[dict] = {"chunk_size": 128}
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head_dim
+
+    def feature_map(self, x: Tensor, pos: Tensor, is_query: bool) -> Tensor:
+        """Non-negative features ``[B, H, T, feature_dim]`` of ``x [B, H, T, head_dim]`` at
+        absolute positions ``pos [T]``."""
+        raise NotImplementedError
+
+    def features(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``phi(q)``, ``phi(k)`` and ``v`` in the compute dtype (at least float32)."""
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return self.feature_map(q, q_pos, is_query=True), self.feature_map(k, kv_pos, is_query=False), v
+
+    def attend(self, q, k, v, q_pos, kv_pos, mask):
+        if mask is not None:
+            return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
+        qf, kf, vf = self.features(q, k, v, q_pos, kv_pos)
+        if self.config.causal:
+            out, _ = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"))
+        else:
+            out, _ = noncausal_linear_attention(qf, kf, vf)
+        return out.to(v.dtype)
+
+    def attend_reference(self, q, k, v, q_pos, kv_pos, mask):
+        qf, kf, vf = self.features(q, k, v, q_pos, kv_pos)
+        allowed = MaskPattern(causal=self.config.causal).dense(q_pos, kv_pos)
+        return quadratic_linear_attention(qf, kf, vf, combine_custom_mask(allowed, mask, qf.dtype)).to(v.dtype)
+
+    def new_cache(self, batch, max_len, dtype, device):
+        """Running sums ``(S, z)``; ``max_len`` is not needed (the state does not grow)."""
+        return RecurrentStateCache(batch, self.n_heads, self.feature_dim, self.head_dim,
+                                   torch.promote_types(dtype, torch.float32), device)
+
+    def attend_cached(self, q, k, v, q_pos, cache, mask):
+        if mask is not None:
+            raise ValueError(
+                f"attention_type {self.name!r} decodes from running sums over past keys, so a custom mask over "
+                "those keys cannot be applied; decode without a mask, or run the full forward (which honours it)"
+            )
+        qf, kf, vf = self.features(q, k, v, q_pos, q_pos)
+        if self.config.causal:
+            out, state = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"), cache.state())
+        else:
+            out, state = noncausal_linear_attention(qf, kf, vf, cache.state())
+        cache.update(state, q.shape[2])
+        return out.to(v.dtype)
+
+
+@register("linear", aliases=("linear_transformer",))
+class LinearAttention(KernelizedAttention):
+    """Linear Transformer (Katharopoulos et al., 2020, "Transformers are RNNs").
+
+    ``phi(x) = elu(x) + 1`` (positive, ``F = D``), so
+    ``out_i = phi(q_i)^T sum_{j<=i} phi(k_j) v_j^T / phi(q_i)^T sum_{j<=i} phi(k_j)``
+    (sums over every ``j`` when non-causal). Time ``O(T D^2)``, memory ``O(T D + (T/C) D^2)``;
+    decoding keeps a ``D x D`` state per head, like an RNN.
+    """
+
+    description = "linear attention, phi = elu + 1 (Katharopoulos 2020), O(T D^2), recurrent decoding"
+
+    def feature_map(self, x, pos, is_query):
+        return F.elu(x) + 1.0
+
+
+@register("performer", aliases=("favor",))
+class PerformerAttention(KernelizedAttention):
+    """Performer / FAVOR+ (Choromanski et al., 2021, "Rethinking Attention with Performers").
+
+    With ``x = q d^(-1/4)`` (likewise ``y`` for keys) and ``m = num_features`` random rows ``w_r``,
+    ``phi(x)_r = exp(w_r . x - |x|^2 / 2) / sqrt(m)`` is positive and
+    ``E[phi(x) . phi(y)] = exp(x . y) = exp(q . k / sqrt(d))``: the softmax kernel, so the output
+    approximates softmax attention with an error falling like ``1 / sqrt(m)``. The rows are drawn in
+    blocks of ``d`` exactly orthogonal Gaussian directions (QR), each rescaled to a
+    ``chi(d)``-distributed norm so every row is still marginally ``N(0, I)`` (lower variance than
+    i.i.d. rows). Time ``O(T m D)``, memory ``O(T m + (T/C) m D)``.
+
+    Stabilisers (``exp`` overflows otherwise): a shift ``c`` of the exponent multiplies features
+    by ``exp(-c)``. For a *query* a per-token shift (its max over features) is exact, since
+    numerator and denominator of its row scale alike. For *keys* a per-token shift would re-weight
+    the keys against each other, and a max over the sequence would read future keys in the causal
+    form; so keys use one data-independent constant, ``max_r |w_r|^2 / 2``, an upper bound of
+    ``w_r . y - |y|^2 / 2`` for every ``y``: key features lie in ``(0, 1/sqrt(m)]`` for any input.
+
+    Options: ``num_features`` (``m``, default 256); ``redraw_interval`` (``0`` = fixed features,
+    ``N > 0`` = redraw before every ``N``-th training forward without a cache, since a decoding
+    state is tied to the features it was built with); ``seed`` (``None`` = draw from torch's
+    global generator, so ``torch.manual_seed`` reproduces it and layers differ; an int = a private
+    generator). The matrix is the buffer ``projection`` (saved in checkpoints).
+    """
+
+    description = "Performer FAVOR+ positive orthogonal random features ~ softmax, O(T m D)"
+    options = {**KernelizedAttention.options, "num_features": 256, "redraw_interval": 0, "seed": None}
+
+    @classmethod
+    def validate_options(cls, config):
+        if config.redraw_interval == 0:  # 0 = never redraw, the default; the base check wants > 0
+            config = dataclasses.replace(config, redraw_interval=None)
+        super().validate_options(config)
+
+    def __init__(self, config):
+        super().__init__(config)
+        seed = self.opt("seed")
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self.register_buffer("projection", self.draw_features())
+        self.training_calls = 0
+
+    @property
+    def feature_dim(self) -> int:
+        return self.opt("num_features")
+
+    def draw_features(self) -> Tensor:
+        """``[m, d]`` orthogonal Gaussian rows (blocks of ``d``) with ``chi(d)`` norms."""
+        m, d = self.opt("num_features"), self.head_dim
+        blocks = []
+        for _ in range(math.ceil(m / d)):
+            gaussian = torch.randn(d, d, generator=self.generator, dtype=torch.float64)
+            blocks.append(torch.linalg.qr(gaussian).Q.T)
+        rows = torch.cat(blocks)[:m]
+        norms = torch.randn(m, d, generator=self.generator, dtype=torch.float64).norm(dim=1, keepdim=True)
+        return (rows * norms).to(torch.get_default_dtype())
+
+    @torch.no_grad()
+    def redraw_features(self) -> None:
+        """Draw a fresh projection (in place, keeping the buffer's device and dtype)."""
+        self.projection.copy_(self.draw_features())
+
+    def forward(self, x, context=None, mask=None, cache=None):
+        interval = self.opt("redraw_interval")
+        if self.training and interval and cache is None:
+            if self.training_calls and self.training_calls % interval == 0:
+                self.redraw_features()
+            self.training_calls += 1
+        return super().forward(x, context=context, mask=mask, cache=cache)
+
+    def feature_map(self, x, pos, is_query):
+        w = self.projection.to(x.dtype)
+        x = x * self.head_dim ** -0.25
+        exponent = x @ w.T - x.square().sum(dim=-1, keepdim=True) / 2
+        if is_query:
+            shift = exponent.detach().amax(dim=-1, keepdim=True)
+        else:
+            shift = w.square().sum(dim=-1).max() / 2
+        return torch.exp(exponent - shift) / math.sqrt(w.shape[0])
+
+
+@register("cosformer")
+class CosFormerAttention(KernelizedAttention):
+    """cosFormer (Qin et al., 2022, "cosFormer: Rethinking Softmax in Attention").
+
+    ``A_ij = relu(q_i) . relu(k_j) * cos(pi/2 * (i - j) / M)``: non-negative scores with a locality
+    bias that decays with distance. Since ``cos(a - b) = cos a cos b + sin a sin b`` it stays
+    linear: ``phi(x)_p = [relu(x) cos(pi p / 2M), relu(x) sin(pi p / 2M)]`` (``F = 2D``) at the
+    token's absolute position ``p``, so the decoding state carries the position-dependent
+    features. ``M`` is ``max_seq_len`` (the paper uses the sequence length); positions ``>= M``
+    raise, because beyond it the weight turns negative. Time ``O(T D^2)``, memory
+    ``O(T D + (T/C) D^2)``.
+    """
+
+    description = "cosFormer: relu features with cos distance re-weighting, O(T D^2), recurrent decoding"
+
+    @property
+    def feature_dim(self) -> int:
+        return 2 * self.head_dim
+
+    def forward(self, x, context=None, mask=None, cache=None):
+        # Checked here, from Python ints, so the GPU never has to sync to read positions.
+        M, end = self.config.max_seq_len, (0 if cache is None else cache.length) + x.shape[1]
+        if end > M:
+            raise ValueError(
+                f"cosformer re-weights by cos(pi/2 * (i - j) / M) with M = max_seq_len = {M}; position {end - 1} is "
+                "beyond it (the weight would turn negative). Raise max_seq_len to the longest sequence you run"
+            )
+        return super().forward(x, context=context, mask=mask, cache=cache)
+
+    def feature_map(self, x, pos, is_query):
+        angle = (math.pi / (2 * self.config.max_seq_len)) * pos.to(x.dtype)[:, None]
+        x = F.relu(x)
+        return torch.cat((x * angle.cos(), x * angle.sin()), dim=-1)

@@ -1,0 +1,98 @@
+"""Softmax family: exact scaled-dot-product attention (Vaswani et al., 2017, "Attention Is All
+You Need").
+
+``softmax(Q K^T / sqrt(d)) V`` for every head. Time ``O(T^2 d)`` per head; memory ``O(T)`` extra
+with a fused kernel (flash / cuDNN / memory-efficient SDPA backends), ``O(T^2)`` on the explicit
+reference path. All four mechanisms here share the projections, mask pattern, KV cache and
+dispatch of :class:`~attn_lm.attention.base.SoftmaxAttention`; they differ in which kernel runs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .base import SoftmaxAttention
+from .factory import register
+
+_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+@register("full", aliases=("mha", "self"))
+class FullAttention(SoftmaxAttention):
+    """Multi-head (self-)attention. Causal by default; PyTorch SDPA picks the fused kernel."""
+
+    description = "multi-head softmax attention, O(T^2); SDPA fast path, explicit reference path"
+
+
+@register("sdpa")
+class SDPAAttention(SoftmaxAttention):
+    """``torch.nn.functional.scaled_dot_product_attention`` with a selectable backend.
+
+    ``backend``: ``auto`` (the library's order: cuDNN > flash > memory-efficient > math on GPU),
+    ``flash``, ``efficient``, ``cudnn`` or ``math``. A backend that cannot run the given
+    shape/dtype/device raises, so a benchmark never silently measures another kernel.
+    """
+
+    description = "PyTorch fused scaled_dot_product_attention with a selectable backend"
+    options = {"backend": "auto"}
+
+    @classmethod
+    def validate_options(cls, config):
+        super().validate_options(config)
+        if config.backend is not None and config.backend not in ("auto", *_BACKENDS):
+            raise ValueError(f"sdpa backend {config.backend!r} unknown; valid: auto, {', '.join(_BACKENDS)}")
+
+    def _pinned(self):
+        name = self.opt("backend")
+        return contextlib.nullcontext() if name == "auto" else sdpa_kernel([_BACKENDS[name]])
+
+    def attend(self, q, k, v, q_pos, kv_pos, mask):
+        try:
+            with self._pinned():
+                return super().attend(q, k, v, q_pos, kv_pos, mask)
+        except RuntimeError as err:
+            if "No viable backend" not in str(err):
+                raise
+            raise RuntimeError(
+                f"sdpa backend {self.opt('backend')!r} cannot run this call ({q.device.type}, {q.dtype}, "
+                f"head_dim {q.shape[-1]}, mask={'yes' if mask is not None else 'no'}); "
+                "use backend=auto to let PyTorch choose"
+            ) from err
+
+    def attend_cached(self, q, k, v, q_pos, cache, mask):
+        with self._pinned():
+            return super().attend_cached(q, k, v, q_pos, cache, mask)
+
+
+@register("flash")
+class FlashAttention(SoftmaxAttention):
+    """FlashAttention (Dao et al., 2022; Dao, 2023): exact attention computed tile by tile in
+    on-chip memory with an online softmax, O(T) extra memory, never materialising ``T x T``.
+
+    This is the fast path: the fused kernels behind SDPA, tried in the order cuDNN (fastest on
+    Hopper), FlashAttention-2, memory-efficient; where none applies (float64 on CPU, a dense user
+    mask) the math kernel computes the same numbers. ``flash_v1`` / ``flash_v2`` show the
+    algorithm step by step in PyTorch.
+    """
+
+    description = "FlashAttention via fused SDPA kernels (cuDNN > flash-2 > mem-efficient), exact"
+
+
+@register("cross")
+class CrossAttention(SoftmaxAttention):
+    """Cross-attention: queries from ``x``, keys and values from ``context``.
+
+    ``causal=False``: every query sees the whole ``context`` (encoder-decoder memory). With
+    ``causal=True`` the context is a stream aligned with ``x`` and query ``i`` sees context
+    positions ``<= i``; that is how a cross layer runs inside the decoder-only GPT, where its
+    context is the token-embedding stream (so it stays causal and caches like self-attention).
+    """
+
+    description = "softmax cross-attention, queries from x, keys/values from a context tensor"
+    uses_context = True

@@ -1,0 +1,250 @@
+"""Sparse family: exact softmax attention in which each query sees only a sparse set of keys.
+
+Every mechanism here is :class:`~attn_lm.attention.base.SoftmaxAttention` with a fixed
+:class:`~attn_lm.attention.masks.MaskPattern`: its output *is* ``softmax(QK^T / sqrt(d) + M) V``
+for the pattern's mask ``M`` (tested against the dense reference), so what changes is cost:
+
+* **GPU, full forward** — FlexAttention with the pattern's cached ``BlockMask``: the fused kernel
+  skips every 128 x 128 tile of the score matrix in which the pattern allows nothing, so a pattern
+  that keeps ``k`` keys per query costs about ``O(T k d)`` (plus the partially filled tiles) and
+  never builds a ``T x T`` mask. The complexities below are for this path.
+* **CPU, reference path, user masks** — SDPA with a dense mask: ``O(T^2 d)`` time and ``O(T^2)``
+  memory whatever the sparsity (the mask changes the result, not the cost).
+* **decoding** — SDPA with a dense mask over the cached keys: ``O(S d)`` per new token for ``S``
+  cached keys, so the bounded caches below also bound the per-token cost.
+
+Decoding caches follow how far back a pattern can look. ``local``, ``block_sparse`` and
+``longformer`` only look a bounded distance back (besides Longformer's global tokens), so they keep
+a :class:`~attn_lm.cache.SlidingWindowCache` whose size does not grow with the generated length;
+``strided`` and ``bigbird`` reach arbitrarily far back and keep the full KV cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..cache import SlidingWindowCache
+from .base import SoftmaxAttention
+from .factory import register
+from .functional import softmax_attention
+from .masks import (
+    BigBirdPattern,
+    BlockPattern,
+    LongformerPattern,
+    SlidingWindowPattern,
+    StridedPattern,
+    bigbird_layout,
+)
+
+
+class _BoundedLookbackAttention(SoftmaxAttention):
+    """A sparse mechanism whose queries look at most ``window`` positions back, besides the first
+    ``num_global`` tokens, which every query may see. It decodes with a bounded
+    :class:`SlidingWindowCache` instead of a full KV cache."""
+
+    family = "sparse"
+
+    def cache_span(self) -> tuple[int, int]:
+        """``(window, num_global)``: how far back the pattern looks, and how many leading tokens
+        stay visible from everywhere."""
+        raise NotImplementedError
+
+    def new_cache(self, batch, max_len, dtype, device):
+        window, num_global = self.cache_span()
+        return SlidingWindowCache(batch, self.n_kv_heads, window, self.head_dim, dtype, device, num_global)
+
+    def attend_cached(self, q, k, v, q_pos, cache, mask):
+        k_all, v_all, kv_pos = cache.append(k, v)
+        if mask is not None and mask.shape[-1] != 1:
+            # The user mask is indexed by absolute key position; the cache's slots are not in
+            # position order (empty slots, at -1, are masked by the pattern whatever we pick).
+            mask = mask.index_select(-1, kv_pos.clamp(min=0))
+        return softmax_attention(q, k_all, v_all, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout)
+
+
+@register("local")
+class LocalAttention(_BoundedLookbackAttention):
+    """Sliding-window (local) attention: token ``i`` attends to the ``window_size`` latest tokens
+    ``i - window_size < j <= i`` (causal), or to every ``j`` with ``|i - j| < window_size``
+    (non-causal, ``2 * window_size - 1`` keys). Stacking ``L`` layers gives a receptive field of
+    ``L * (window_size - 1)`` tokens. Used by Longformer (Beltagy et al., 2020) and Mistral.
+
+    Time ``O(T w d)`` on the fused path, cache memory ``O(w d)`` per head (a ring buffer of ``w``
+    slots: decoding memory and per-token cost stay constant however long the text).
+    """
+
+    description = "sliding-window softmax attention over the window_size latest tokens, O(T w d), bounded cache"
+    options = {"window_size": 256}
+
+    def build_pattern(self):
+        return SlidingWindowPattern(causal=self.config.causal, window=self.opt("window_size"))
+
+    def cache_span(self):
+        return self.opt("window_size"), 0
+
+
+@register("block_sparse")
+class BlockSparseAttention(_BoundedLookbackAttention):
+    """Block-sparse attention: the sequence is cut into blocks of ``block_size`` tokens and query
+    block ``i`` attends to key blocks ``i + o`` for each offset ``o`` of ``layout``, a
+    comma-separated list that must contain ``0``: ``"0"`` is block-diagonal attention (blocks are
+    independent), ``"0,-1"`` adds the previous block, ``"0,-1,1"`` (non-causal) both neighbours.
+    Causal layers see only earlier keys inside their own block and take no positive offsets.
+    (Block layouts of this kind are the building block of the Sparse Transformer, Child et al.,
+    2019, and of BigBird's blocked implementation.)
+
+    Time ``O(T |layout| b d)``: a fixed number of blocks per query. Decoding keeps the last
+    ``(1 + max back offset)`` blocks in a ring buffer — ``block_size`` slots for ``"0"`` — so the
+    cache is bounded for every layout.
+    """
+
+    description = "block-sparse softmax attention with a block-offset layout ('0' = block-diagonal), O(T L b d)"
+    options = {"block_size": 64, "layout": "0"}
+
+    @classmethod
+    def layout_offsets(cls, config) -> tuple[int, ...]:
+        text = cls.options["layout"] if config.layout is None else config.layout
+        try:
+            return tuple(int(part) for part in str(text).split(","))
+        except ValueError:
+            raise ValueError(
+                f"block_sparse layout={text!r} is not a comma-separated list of integer block offsets; "
+                "e.g. '0' (block-diagonal) or '0,-1' (own block and the previous one)"
+            ) from None
+
+    @classmethod
+    def validate_options(cls, config):
+        super().validate_options(config)
+        offsets = cls.layout_offsets(config)
+        if 0 not in offsets:
+            raise ValueError(
+                f"block_sparse layout={config.layout!r} must contain offset 0 (each query block sees its own "
+                "block); without it some query blocks (the first one when causal) see no key at all. "
+                f"Use e.g. '0,{','.join(map(str, offsets))}'"
+            )
+        if len(set(offsets)) != len(offsets):
+            raise ValueError(f"block_sparse layout={config.layout!r} repeats an offset; list each offset once")
+        ahead = [o for o in offsets if o > 0]
+        if config.causal and ahead:
+            raise ValueError(
+                f"block_sparse layout={config.layout!r} has positive offsets {ahead}: later blocks, which a "
+                "causal layer never sees. Remove them, or set causal=False"
+            )
+
+    def build_pattern(self):
+        return BlockPattern(causal=self.config.causal, block=self.opt("block_size"),
+                            offsets=self.layout_offsets(self.config))
+
+    def cache_span(self):
+        blocks_back = -min(self.layout_offsets(self.config))
+        return (1 + blocks_back) * self.opt("block_size"), 0
+
+
+@register("strided")
+class StridedAttention(SoftmaxAttention):
+    """Strided sparse attention (Child et al., 2019, "Generating Long Sequences with Sparse
+    Transformers"). Token ``i`` attends to a local band of ``stride`` keys (every ``dilation``-th
+    position, so the band spans ``stride * dilation`` tokens) and to every key at a distance that is
+    a multiple of ``stride`` ("summary" columns). The paper splits the two sets over two heads or
+    layers; here each head gets their union, so any earlier token is reached in at most two hops
+    (when ``gcd(stride, dilation) == 1``, e.g. the paper's ``dilation=1``).
+
+    Time ``O(T (stride + T / stride) d)``, i.e. ``O(T sqrt(T) d)`` with ``stride ~ sqrt(T)``, for a
+    kernel whose tiles follow the pattern. FlexAttention's 128 x 128 tiles each span 255 distinct
+    distances ``i - j``, so for ``stride < 256`` a summary column crosses every tile below the
+    diagonal (every tile when non-causal) and the fused kernel saves nothing over full attention;
+    only larger strides leave tiles empty. Decoding keeps the full KV cache: the summary columns
+    of later queries reach every earlier position.
+    """
+
+    description = "Sparse Transformer strided attention: local band + every stride-th key, O(T sqrt(T) d)"
+    family = "sparse"
+    options = {"stride": 64, "dilation": 1}
+
+    def build_pattern(self):
+        return StridedPattern(causal=self.config.causal, stride=self.opt("stride"), dilation=self.opt("dilation"))
+
+
+@register("longformer")
+class LongformerAttention(_BoundedLookbackAttention):
+    """Longformer attention (Beltagy et al., 2020, "Longformer: The Long-Document Transformer"):
+    a sliding window of ``window_size`` plus ``num_global_tokens`` global tokens, here the first
+    tokens of the sequence (the paper picks them per task, e.g. ``[CLS]``). Every query sees the
+    global tokens and the global tokens see every key; in the causal form a global token, being at
+    the start, sees only the keys before it, so there "global" means "visible from everywhere".
+
+    Time ``O(T (w + g) d)`` (plus ``O(g T d)`` for the global rows when non-causal). Decoding keeps
+    the ``g`` global tokens and a ring buffer of the ``w`` latest ones: ``O((g + w) d)`` per head.
+    """
+
+    description = "Longformer: sliding window + global tokens at the start, O(T (w + g) d), bounded cache"
+    options = {"window_size": 256, "num_global_tokens": 1}
+
+    def build_pattern(self):
+        return LongformerPattern(causal=self.config.causal, window=self.opt("window_size"),
+                                 num_global=self.opt("num_global_tokens"))
+
+    def cache_span(self):
+        return self.opt("window_size"), self.opt("num_global_tokens")
+
+
+@register("bigbird")
+class BigBirdAttention(SoftmaxAttention):
+    """BigBird attention (Zaheer et al., 2020, "Big Bird: Transformers for Longer Sequences"):
+    Longformer's sliding window and global tokens plus ``num_random_blocks`` random key blocks per
+    query block (blocks of ``block_size`` tokens; causal: chosen among earlier blocks).
+
+    The random layout is drawn once, from ``seed``, for ``ceil(max_seq_len / block_size)`` blocks
+    and registered as the buffer ``random_layout``, so it is part of the checkpoint (a loaded
+    layout replaces the drawn one). Layers built from the same config share a layout; give layers
+    different seeds for different ones. A sequence longer than the layout covers is an error
+    rather than a silent reuse of the last block's row: build the layer with a larger
+    ``max_seq_len`` instead.
+
+    Time ``O(T (w + g + r b) d)``. Decoding keeps the full KV cache (``O(T d)`` per head): the random
+    blocks of later query blocks can point at any earlier block, so no key can be dropped early.
+    """
+
+    description = "BigBird: sliding window + global tokens + seeded random key blocks, O(T (w + g + r b) d)"
+    family = "sparse"
+    options = {"window_size": 256, "num_global_tokens": 1, "num_random_blocks": 2, "block_size": 64, "seed": 0}
+
+    def __init__(self, config):
+        super().__init__(config)  # build_pattern() draws the layout
+        self.register_buffer("random_layout", self.pattern.random_layout)
+
+    def build_pattern(self):
+        c, block = self.config, self.opt("block_size")
+        layout = bigbird_layout(math.ceil(c.max_seq_len / block), self.opt("num_random_blocks"), c.causal,
+                                self.opt("seed"))
+        return BigBirdPattern(causal=c.causal, window=self.opt("window_size"),
+                              num_global=self.opt("num_global_tokens"), block=block, random_layout=layout)
+
+    @property
+    def covered_len(self) -> int:
+        """Longest sequence the random layout covers (``max_seq_len`` rounded up to whole blocks)."""
+        return self.random_layout.shape[0] * self.opt("block_size")
+
+    def forward(self, x, context=None, mask=None, cache=None):
+        end = (0 if cache is None else cache.length) + x.shape[1]
+        if end > self.covered_len:
+            raise ValueError(
+                f"bigbird's random block layout covers {self.covered_len} positions (drawn for "
+                f"max_seq_len={self.config.max_seq_len}, block_size={self.opt('block_size')}) but this call "
+                f"reaches position {end - 1}; build the layer with a larger max_seq_len (GPT: block_size)"
+            )
+        return super().forward(x, context, mask, cache)
+
+    # The pattern must read the *current* buffer: ``.to()`` replaces it, loading a checkpoint may
+    # overwrite or replace it, and block masks built from the old layout must then be dropped.
+    def _reattach_layout(self) -> None:
+        self.pattern = dataclasses.replace(self.pattern, random_layout=self.random_layout)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._reattach_layout()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._reattach_layout()
