@@ -1,0 +1,125 @@
+"""``python -m attn_lm.generate ckpt=... data=<training preset> prompt="..."`` (console script
+``attn-lm-generate``): sample text from a checkpoint, streamed to stdout as it is produced.
+
+The tokenizer is rebuilt by the data module of the training preset (same source and tokenizer
+settings give the same vocabulary; a mismatch with the checkpoint is an error). Decoding uses
+:class:`attn_lm.sampling.Decoder` (prefill, then one cached step per token); stdout gets only
+the text (prompt, then continuation), stderr gets warnings and the summary: prefill time, decode
+tokens/s and the bytes held by the decoding caches.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .configure import CONF_DIR
+from .data import Tokenizer
+from .lit_module import LitGPT
+from .sampling import Decoder, context_window
+
+log = logging.getLogger(__name__)
+
+
+class TextStream:
+    """Writes the text of a growing token sequence as soon as it is final.
+
+    Every flush decodes the whole sequence and writes what is new; text ending in the Unicode
+    replacement character waits for the next token, which may complete a multi-byte character
+    split across byte/BPE tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = 0
+
+    def add(self, ids: list[int], final: bool = False) -> None:
+        """Append ``ids`` and write the new text; ``final`` writes it even if incomplete."""
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:
+            return
+        self.out.write(text[self.written:])
+        self.out.flush()
+        self.written = len(text)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, window: int, strict: bool) -> list[int]:
+    """Token ids of the prompt, cut to the last ``window`` tokens (or an error when ``strict``)."""
+    ids = tokenizer.encode(prompt).tolist()
+    if not ids:
+        raise ValueError("the prompt encodes to no tokens; give at least one character (e.g. prompt='\\n')")
+    if len(ids) > window:
+        message = f"the prompt has {len(ids)} tokens but the model conditions on at most {window} (max_context)"
+        if strict:
+            raise ValueError(f"{message}; shorten it, or set strict_prompt=false to keep its last {window} tokens")
+        log.warning("%s; keeping its last %d tokens", message, window)
+        ids = ids[-window:]
+    return ids
+
+
+def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
+    """Generate from ``cfg`` (see ``conf/generate.yaml``), writing the text to ``out`` (default
+    stdout); returns the text and the measurements."""
+    ckpt = Path(str(cfg.ckpt)).expanduser()
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist (pass ckpt=path/to/checkpoint.ckpt)")
+    device = resolve_device(str(cfg.device))
+    model = LitGPT.load_from_checkpoint(str(ckpt), map_location=device).model.to(device)
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    tokenizer = datamodule.tokenizer
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the checkpoint was trained with "
+                         f"{model.config.vocab_size}; use the data preset and tokenizer settings of the training run")
+    max_new = int(cfg.max_new_tokens)
+    prompt = encode_prompt(tokenizer, str(cfg.prompt), context_window(model, cfg.max_context), bool(cfg.strict_prompt))
+    decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context)
+    generator = torch.Generator(device).manual_seed(int(cfg.seed))
+    stream = TextStream(tokenizer, out or sys.stdout)
+    stream.add(prompt)
+    start = time.perf_counter()
+    times = []
+    for token in decoder.stream(torch.tensor([prompt], device=device), max_new, float(cfg.temperature), cfg.top_k,
+                                cfg.top_p, generator):
+        stream.add(token[0].tolist())  # .tolist() waits for the device: the times are real
+        times.append(time.perf_counter())
+    stream.add([], final=True)
+    stream.out.write("\n")
+    result = {
+        "prompt_tokens": len(prompt),
+        "new_tokens": max_new,
+        "text": tokenizer.decode(stream.ids[len(prompt):]),
+        "first_token_s": times[0] - start if times else 0.0,
+        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
+        "cache_bytes": decoder.cache_nbytes(),
+        "attention": model.layer_types,
+        "device": str(device),
+    }
+    print(f"[attn_lm] {len(prompt)} prompt + {max_new} new tokens | first token {result['first_token_s'] * 1e3:.1f} ms | "
+          f"decode {result['decode_tokens_per_s']:,.1f} tokens/s | cache {result['cache_bytes'] / 2**20:.3f} MiB "
+          f"({result['cache_bytes']:,} bytes, use_cache={bool(cfg.use_cache)}) | {device}", file=sys.stderr)
+    return result
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    generate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""GPT.generate, sampling filters, the Decoder's context window and the generate CLI."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from attn_lm import GPT, AttentionFactory, GPTConfig
+from attn_lm.configure import CONF_DIR
+from attn_lm.data import LMDataModule
+from attn_lm.generate import generate
+from attn_lm.lit_module import LitGPT
+from attn_lm.sampling import Decoder, filter_logits, sample_next
+
+from .helpers import small_config
+
+NAMES = AttentionFactory.names()
+V = 41
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_gpt(name: str = "full", position: str = "learned", block_size: int = 32, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, d_model=32, n_heads=4, dropout=dropout,
+                       position=position, attention=small_config(name))
+    return GPT(config).eval()
+
+
+# ------------------------------------------------------------------------------ every mechanism
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_generation_equals_uncached_and_full_forward(name):
+    model = tiny_gpt(name)
+    prompt = torch.randint(0, V, (2, 5))
+    cached = model.generate(prompt, 19, temperature=0)
+    assert cached.shape == (2, 24)
+    torch.testing.assert_close(model.generate(prompt, 19, temperature=0, use_cache=False), cached, rtol=0, atol=0)
+    # Per-step logits of incremental decoding == the full forward at the same positions.
+    full = model(cached)
+    decoder = Decoder(model, 24)
+    steps = [decoder.prefill(cached[:, :5])] + [decoder.step(cached[:, t:t + 1]) for t in range(5, 23)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:23], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ context window
+def nanogpt_greedy(model: GPT, idx: torch.Tensor, steps: int, window: int) -> torch.Tensor:
+    """The textbook loop: full forward over the last ``window`` tokens, argmax, append."""
+    for _ in range(steps):
+        idx = torch.cat([idx, model(idx[:, -window:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("name", ["full", "linear", "local"])
+def test_learned_positions_slide_the_window_past_block_size(name):
+    if name not in NAMES:
+        pytest.skip(f"{name} is not registered")
+    model = tiny_gpt(name, block_size=8)
+    prompt = torch.randint(0, V, (1, 11))  # longer than the context: conditioned on its last 8 tokens
+    expected = nanogpt_greedy(model, prompt, 12, window=8)
+    torch.testing.assert_close(model.generate(prompt, 12, temperature=0), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(prompt, 12, temperature=0, use_cache=False), expected, rtol=0, atol=0)
+
+
+def test_max_context_lets_relative_positions_read_past_block_size():
+    model = tiny_gpt("full", position="rope", block_size=8)
+    prompt = torch.randint(0, V, (1, 3))
+    expected = nanogpt_greedy(model, prompt, 20, window=16)
+    torch.testing.assert_close(model.generate(prompt, 20, temperature=0, max_context=16), expected, rtol=0, atol=0)
+    decoder = Decoder(model, 23, max_context=16)
+    list(decoder.stream(prompt, 20, temperature=0))
+    assert decoder.caches[0].length == 16  # the window moved: rebuilt from the last 16 tokens
+    with pytest.raises(ValueError, match="max_context=16 is longer than block_size=8, and learned positions"):
+        tiny_gpt("full", block_size=8).generate(prompt, 2, max_context=16)
+
+
+# ------------------------------------------------------------------------------ sampling
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+
+    def kept(filtered: torch.Tensor) -> list[bool]:
+        return torch.isfinite(filtered)[0].tolist()
+
+    assert kept(filter_logits(logits, top_k=2)) == [False, True, False, True]
+    assert kept(filter_logits(logits, top_k=10)) == [True] * 4
+    assert kept(filter_logits(logits, top_p=0.8)) == [False, True, False, True]  # 0.5 + 0.3 reaches 0.8
+    assert kept(filter_logits(logits, top_p=0.81)) == [False, True, True, True]
+    assert kept(filter_logits(logits, top_p=0.01)) == [False, True, False, False]  # the top token survives
+    assert kept(filter_logits(logits, top_k=3, top_p=0.6)) == [False, True, False, True]
+    draws = torch.cat([sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(s)) for s in range(50)])
+    assert set(draws.flatten().tolist()) == {1, 3}
+    assert sample_next(logits, temperature=0).item() == 1
+
+
+def test_sampling_is_reproducible_and_filters_reduce_to_greedy():
+    model = tiny_gpt()
+    prompt = torch.randint(0, V, (2, 4))
+    greedy = model.generate(prompt, 10, temperature=0)
+    torch.testing.assert_close(model.generate(prompt, 10, top_k=1), greedy, rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(prompt, 10, top_p=1e-6), greedy, rtol=0, atol=0)
+    a = model.generate(prompt, 10, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 10, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, greedy)
+
+
+def test_generate_runs_in_eval_mode_without_grad_and_restores_the_mode():
+    model = tiny_gpt(dropout=0.5).train()
+    prompt = torch.randint(0, V, (1, 4))
+    first = model.generate(prompt, 8, temperature=0)
+    torch.testing.assert_close(model.generate(prompt, 8, temperature=0), first, rtol=0, atol=0)  # no dropout
+    assert model.training and torch.is_grad_enabled()
+    torch.testing.assert_close(model.generate(prompt, 0), prompt, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=0), "top_k must be a positive integer"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=-2), "max_new_tokens must be a non-negative integer"),
+    (dict(max_context=0), "max_context must be a positive number"),
+])
+def test_bad_generation_arguments(kwargs, match):
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tiny_gpt().generate(torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+def test_empty_prompt_is_rejected():
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        tiny_gpt().generate(torch.zeros(1, 0, dtype=torch.long), 3)
+
+
+# ------------------------------------------------------------------------------ CLI
+DATA = ["data=stdlib", "data.max_chars=20000"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A randomly initialised tiny LitGPT saved as a Lightning checkpoint, plus the data overrides
+    whose tokenizer matches it."""
+    root = tmp_path_factory.mktemp("generate")
+    data = DATA + [f"data.cache_dir={root / 'cache'}"]
+    datamodule = LMDataModule(source="stdlib", max_chars=20000, cache_dir=root / "cache")
+    datamodule.prepare_data()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=datamodule.vocab_size, block_size=16, n_layer=1, d_model=16, n_heads=2,
+                       position="rope")
+    module = LitGPT(config, optim={"lr": 1e-3})
+    path = root / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path, data
+
+
+def compose_generate(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("generate", overrides=overrides)
+
+
+def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_path):
+    path, data = checkpoint
+    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu", *data]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "attn_lm.generate", *args], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written next to the user
+    model = LitGPT.load_from_checkpoint(str(path), map_location="cpu").model
+    prompt = torch.tensor([list(b"def f(x):")])
+    expected = bytes(model.generate(prompt, 12, temperature=0)[0].tolist()).decode("utf-8", errors="replace")
+    assert run.stdout == expected + "\n"
+    assert "decode" in run.stderr and "tokens/s" in run.stderr and "cache" in run.stderr
+    # In-process: the same text, and the cache bytes are the layer's K/V for every position.
+    result = generate(compose_generate(args))
+    assert result["text"] == expected[len("def f(x):"):]
+    # 9 + 12 tokens > block_size = 16: the cache holds the 16-token window.
+    assert result["cache_bytes"] == 2 * 1 * 2 * 16 * 8 * 4  # k+v, batch, heads, positions, head_dim, fp32
+
+
+def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
+    path, data = checkpoint
+    args = [f"ckpt={path}", "prompt=abcdefghijklmnopqrstuvwxyz", "max_new_tokens=3", "temperature=0", "device=cpu",
+            *data]
+    with caplog.at_level(logging.WARNING):
+        result = generate(compose_generate(args))
+    assert result["prompt_tokens"] == 16 and "prompt has 26 tokens" in caplog.text
+    assert capsys.readouterr().out.startswith("klmnopqrstuvwxyz")
+    with pytest.raises(ValueError, match="prompt has 26 tokens .* set strict_prompt=false"):
+        generate(compose_generate(args + ["strict_prompt=true"]))
+
+
+def test_cli_rejects_a_tokenizer_of_another_vocabulary(checkpoint):
+    path, data = checkpoint
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the checkpoint was trained with 256"):
+        generate(compose_generate([f"ckpt={path}", *data, "data.tokenizer=char"]))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        generate(compose_generate([f"ckpt={path}.missing", *data]))
