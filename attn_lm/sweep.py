@@ -49,6 +49,8 @@ def _budget_steps(steps: Optional[int], tokens: Optional[int], batch_size: int, 
 
 
 OmegaConf.register_new_resolver("attn_lm.budget_steps", _budget_steps, replace=True)
+# ${attn_lm.div:a,b}: integer a // b, e.g. a batch size that keeps tokens per step constant.
+OmegaConf.register_new_resolver("attn_lm.div", lambda a, b: max(1, int(a) // int(b)), replace=True)
 
 
 def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,555 @@
+"""Compare finished runs: ``python scripts/compare.py <multirun dir | run dirs...> [--out DIR]``
+(console script ``attn-lm-compare``).
+
+Reads every run directory below the given paths (a directory with ``results.json`` or Hydra's
+``.hydra/``), groups the runs by their per-layer mechanisms and sequence length (plus any other
+setting that differs between them, except the seed), and writes into ``--out``:
+
+* ``report.md``   — one row per group: parameters, validation / test perplexity as mean ± standard
+  deviation over seeds, word perplexity and bits per character when the data module reported
+  them, training tokens/s, step time, peak memory, wall time, budget; then the runs that
+  failed or never ran, and the plots;
+* ``summary.csv`` — the same numbers per group (means and standard deviations), ``runs.csv`` —
+  one row per run, failed ones included;
+* ``pareto.png``  — perplexity vs training tokens/s, the Pareto front (no other group is both
+  faster and better) marked;
+* ``val_loss.png`` — validation loss over steps and over training time, from each run's
+  ``csv/version_*/metrics.csv`` (time = the sum of the measured step times before each
+  evaluation, so evaluation itself is not counted);
+* ``seq_len.png`` — peak memory and tokens/s against sequence length per mechanism (when runs
+  at several ``data.block_size`` exist; otherwise it says there is only one length).
+
+``--wandb`` also logs the table and the plots to Weights & Biases (offline without an API key).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from itertools import groupby, product
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from .sweep import budget_summary
+
+#: Config keys that never distinguish groups (seeds are what groups aggregate over).
+IGNORED_KEYS = ("seed", "data.seed", "skip_completed", "data.cache_dir", "data.num_workers",
+                "trainer.enable_progress_bar", "logger.", "hydra.")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    header: str
+    get: Callable[[dict], Optional[float]]
+    fmt: str
+
+
+def _test(name: str) -> Callable[[dict], Optional[float]]:
+    return lambda r: (r.get("test_metrics") or {}).get(f"test/{name}")
+
+
+METRICS = (
+    Metric("val_ppl", "val ppl", lambda r: r.get("val_ppl"), "{:.2f}"),
+    Metric("test_ppl", "test ppl", _test("ppl"), "{:.2f}"),
+    Metric("word_ppl", "test word ppl", _test("word_perplexity"), "{:.4g}"),
+    Metric("bpc", "test bits/char", _test("bits_per_char"), "{:.3f}"),
+    Metric("tokens_per_s", "train tokens/s", lambda r: r.get("tokens_per_s"), "{:,.0f}"),
+    Metric("step_ms", "step ms", lambda r: r.get("step_ms"), "{:.1f}"),
+    Metric("peak_memory_mb", "peak MB", lambda r: r.get("peak_memory_mb"), "{:,.0f}"),
+    Metric("wall_time_s", "wall s", lambda r: r.get("wall_time_s"), "{:.1f}"),
+)
+METRIC = {m.key: m for m in METRICS}
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclass
+class Run:
+    """A run whose ``results.json`` says ``status: complete``."""
+
+    path: Path
+    results: dict
+    mechanism: str
+    block_size: int
+    seed: Any
+    flat_config: dict
+
+    def value(self, metric: Metric) -> Optional[float]:
+        value = metric.get(self.results)
+        return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+@dataclass
+class FailedRun:
+    """A run directory without a complete ``results.json``, or a job of a sweep that never started."""
+
+    path: Optional[Path]
+    overrides: list[str]
+    reason: str
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return flat
+
+
+def mechanism_label(layers: Sequence[str]) -> str:
+    """``[local, local, full, full]`` -> ``local×2+full×2``; ``[full, full]`` -> ``full``."""
+    runs = [(name, len(list(group))) for name, group in groupby(layers)]
+    if len(runs) == 1:
+        return runs[0][0]
+    return "+".join(name if count == 1 else f"{name}×{count}" for name, count in runs)
+
+
+def find_run_dirs(paths: Iterable[Path]) -> list[Path]:
+    """Run directories (``results.json`` or ``.hydra/``) at or below ``paths``, sorted."""
+    found = set()
+    for root in paths:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is not a directory (give a multirun directory or run directories)")
+        for directory, subdirs, files in os.walk(root):
+            if "results.json" in files or ".hydra" in subdirs:
+                found.add(Path(directory))
+                subdirs[:] = []  # a run's own folders (csv, checkpoints) hold no runs
+    return sorted(found)
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def load_run(run_dir: Path) -> Run | FailedRun:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return FailedRun(run_dir, _overrides(run_dir), "no results.json (failed or interrupted; see its .log file)")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        return FailedRun(run_dir, _overrides(run_dir), f"unreadable results.json ({err})")
+    if results.get("status") != "complete":
+        return FailedRun(run_dir, _overrides(run_dir), f"results.json has status {results.get('status')!r}")
+    config = results.get("config") or {}
+    return Run(run_dir, results, mechanism_label(results["attention"]), int(config["data"]["block_size"]),
+               config.get("seed"), flatten(config))
+
+
+def _parse(overrides: Sequence[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def _canonical(overrides: Sequence[str]) -> frozenset:
+    """A job's overrides as ``(key, value)`` pairs, so ``x=False`` (how Hydra saves a job's
+    overrides) equals ``x=false`` (how it was typed)."""
+    return frozenset((o.get_key_element(), json.dumps(o.value(), sort_keys=True, default=str)) for o in _parse(overrides))
+
+
+def _expected_jobs(multirun_yaml: Path) -> list[list[str]]:
+    """The jobs a basic-sweeper multirun was asked for: the product of its sweep overrides
+    (command line and ``hydra.sweeper.params``). Empty for other sweepers (e.g. Optuna)."""
+    saved = OmegaConf.load(multirun_yaml)
+    if not str(OmegaConf.select(saved, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
+        return []
+    params = OmegaConf.select(saved, "hydra.sweeper.params", default=None) or {}
+    command_line = _parse([str(o) for o in saved.hydra.overrides.task])
+    given = {o.get_key_element() for o in command_line}
+    choices = [[f"{key}={value}" for value in _parse([f"{key}={value}"])[0].sweep_string_iterator()]
+               for key, value in params.items() if key not in given]
+    for override in command_line:
+        key = override.get_key_element()
+        values = override.sweep_string_iterator() if override.is_sweep_override() else \
+            [override.get_value_element_as_str()]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(job) for job in product(*choices)]
+
+
+def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[FailedRun]]:
+    """Complete runs, and failed runs plus sweep jobs that never started (no directory)."""
+    runs: list[Run] = []
+    failed: list[FailedRun] = []
+    for run_dir in find_run_dirs(paths):
+        loaded = load_run(run_dir)
+        (runs if isinstance(loaded, Run) else failed).append(loaded)
+    seen = {_canonical(_overrides(r.path)) for r in runs} | {_canonical(f.overrides) for f in failed}
+    for root in paths:
+        multirun_yaml = Path(root) / "multirun.yaml"
+        if multirun_yaml.is_file():
+            failed += [FailedRun(None, job, "never started (no run directory)")
+                       for job in _expected_jobs(multirun_yaml) if _canonical(job) not in seen]
+    return runs, failed
+
+
+# ----------------------------------------------------------------------------- grouping
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
+
+    mechanism: str
+    block_size: int
+    extras: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    pareto: bool = False
+
+    @property
+    def label(self) -> str:
+        extra = ", ".join(f"{k}={_short(v)}" for k, v in self.extras.items())
+        return f"{self.mechanism} ({extra})" if extra else self.mechanism
+
+    def values(self, metric: Metric) -> list[float]:
+        return [v for v in (r.value(metric) for r in self.runs) if v is not None]
+
+    def mean(self, metric: Metric) -> Optional[float]:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else None
+
+    def std(self, metric: Metric) -> Optional[float]:
+        values = self.values(metric)
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    def first(self, key: str) -> Any:
+        return self.runs[0].results.get(key)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in IGNORED_KEYS)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Group by (mechanisms, block size), split further by any other differing config value."""
+    buckets: dict[tuple[str, int], list[Run]] = {}
+    for run in runs:
+        buckets.setdefault((run.mechanism, run.block_size), []).append(run)
+    groups = []
+    for (mechanism, block_size), members in buckets.items():
+        keys = sorted({k for r in members for k in r.flat_config if not _ignored(k)})
+        differing = [k for k in keys if len({json.dumps(r.flat_config.get(k), sort_keys=True) for r in members}) > 1]
+        by_extras: dict[str, Group] = {}
+        for run in members:
+            extras = {k: run.flat_config.get(k) for k in differing}
+            key = json.dumps(extras, sort_keys=True)
+            by_extras.setdefault(key, Group(mechanism, block_size, extras)).runs.append(run)
+        groups += by_extras.values()
+    groups.sort(key=lambda g: (g.block_size, g.mechanism, json.dumps(g.extras, sort_keys=True)))
+    mark_pareto(groups)
+    return groups
+
+
+def quality_metric(groups: Sequence[Group]) -> Metric:
+    """Test perplexity when every group has it, else validation perplexity."""
+    test = METRIC["test_ppl"]
+    return test if all(g.values(test) for g in groups) else METRIC["val_ppl"]
+
+
+def mark_pareto(groups: Sequence[Group]) -> None:
+    """Flag the groups no other group beats on both perplexity (lower) and tokens/s (higher)."""
+    quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
+    points = [(g, g.mean(quality), g.mean(speed)) for g in groups]
+    points = [(g, q, s) for g, q, s in points if q is not None and s is not None]
+    for g, q, s in points:
+        g.pareto = not any(q2 <= q and s2 >= s and (q2 < q or s2 > s) for _, q2, s2 in points)
+
+
+# ----------------------------------------------------------------------------- tables
+def _cell(group: Group, metric: Metric) -> str:
+    mean, std = group.mean(metric), group.std(metric)
+    if mean is None:
+        return "-"
+    return metric.fmt.format(mean) + ("" if std is None else " ± " + metric.fmt.format(std))
+
+
+def _present(groups: Sequence[Group]) -> list[Metric]:
+    """Metrics that at least one group has (word ppl / bits per char depend on the data module)."""
+    return [m for m in METRICS if any(g.values(m) for g in groups)]
+
+
+def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    rows = []
+    for g in groups:
+        row = {"mechanism": g.label, "block_size": g.block_size, "seeds": len(g.runs), "params": g.first("params"),
+               "pareto": g.pareto}
+        for m in METRICS:
+            row[f"{m.key}_mean"], row[f"{m.key}_std"] = g.mean(m), g.std(m)
+        row["peak_memory_kind"] = g.first("peak_memory_kind")
+        row["budget"] = budget_summary(g.runs[0].results["config"])["text"]
+        row["device"] = g.first("device")
+        rows.append(row)
+    return rows
+
+
+def run_rows(runs: Sequence[Run], failed: Sequence[FailedRun]) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        rows.append({"status": "complete", "run_dir": str(r.path), "mechanism": r.mechanism,
+                     "block_size": r.block_size, "seed": r.seed, "params": r.results.get("params"),
+                     "steps": r.results.get("steps"), "tokens_seen": r.results.get("tokens_seen"),
+                     **{m.key: r.value(m) for m in METRICS},
+                     "budget": budget_summary(r.results["config"])["text"], "reason": ""})
+    for f in failed:
+        rows.append({"status": "failed" if f.path else "missing", "run_dir": str(f.path or ""),
+                     "mechanism": " ".join(f.overrides), "reason": f.reason})
+    return rows
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown_table(groups: Sequence[Group]) -> str:
+    metrics = _present(groups)
+    header = ["mechanism", "T", "seeds", "params", *[m.header for m in metrics], "budget", "Pareto"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in groups:
+        cells = [g.label, str(g.block_size), str(len(g.runs)), f"{g.first('params'):,}",
+                 *[_cell(g, m) for m in metrics], budget_summary(g.runs[0].results["config"])["text"],
+                 "✓" if g.pareto else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots: Sequence[Path],
+                    sources: Sequence[Path]) -> str:
+    devices = sorted({str(r.results.get("device")) for g in groups for r in g.runs})
+    kinds = sorted({str(r.results.get("peak_memory_kind")) for g in groups for r in g.runs})
+    lines = ["# Attention mechanism comparison", "",
+             "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
+    if groups:
+        lines += [markdown_table(groups), "",
+                  f"Mean ± standard deviation over seeds. Device: {'; '.join(devices)}. Peak memory: "
+                  f"{', '.join(kinds)}" + (" (the process high-water mark: jobs that shared a process, as with "
+                                           "Hydra's basic launcher, inherit earlier peaks; hydra/launcher=joblib "
+                                           "gives each run its own process)" if "cpu_max_rss" in kinds else "")
+                  + ". Pareto: no other row has both lower perplexity and higher tokens/s.", ""]
+    else:
+        lines += ["No complete runs found.", ""]
+    if failed:
+        lines += [f"## Failed or missing runs ({len(failed)})", "", "| run | overrides | reason |", "|---|---|---|"]
+        lines += [f"| `{f.path or '-'}` | {' '.join(f.overrides) or '-'} | {f.reason} |" for f in failed]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- curves and plots
+def latest_metrics_csv(run_dir: Path) -> Optional[Path]:
+    """The newest ``csv/version_N/metrics.csv`` (a re-run into the same folder adds a version)."""
+    found = [p for p in run_dir.glob("csv/version_*/metrics.csv") if p.parent.name.split("_")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.parent.name.split("_")[-1])) if found else None
+
+
+def validation_curve(run_dir: Path) -> Optional[tuple[list[float], list[float], list[float]]]:
+    """``(steps, training seconds, val loss)`` of a run from its metrics.csv (``None`` without one).
+
+    Training seconds at a step = the cumulative sum of ``perf/step_ms`` times the steps of each
+    measured window up to that step (interpolated between window ends).
+    """
+    import numpy as np
+
+    path = latest_metrics_csv(run_dir)
+    if path is None:
+        return None
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    windows = [(float(r["step"]), float(r["perf/step_ms"])) for r in rows if r.get("perf/step_ms")]
+    val = [(float(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
+    if not val:
+        return None
+    ends, seconds, last = [0.0], [0.0], 0.0
+    for step, step_ms in windows:
+        if step > last:
+            seconds.append(seconds[-1] + (step - last) * step_ms / 1000.0)
+            ends.append(step)
+            last = step
+    steps = [s for s, _ in val]
+    return steps, list(np.interp(steps, ends, seconds)), [v for _, v in val]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pareto(groups: Sequence[Group], path: Path) -> None:
+    plt = _pyplot()
+    quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    points = [(g, g.mean(speed), g.mean(quality)) for g in groups if g.mean(speed) and g.mean(quality)]
+    several_lengths = len({g.block_size for g in groups}) > 1
+    for g, x, y in points:
+        ax.errorbar(x, y, xerr=g.std(speed) or 0, yerr=g.std(quality) or 0, fmt="*" if g.pareto else "o",
+                    markersize=12 if g.pareto else 7, capsize=3)
+        label = f"{g.label} (T={g.block_size})" if several_lengths else g.label
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    front = sorted((x, y) for g, x, y in points if g.pareto)
+    if front:
+        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--",
+                label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("training tokens/s (higher is better)")
+    ax.set_ylabel(f"{quality.header} (lower is better)")
+    ax.set_title(f"{quality.header} vs throughput (★ = Pareto front)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_validation(groups: Sequence[Group], path: Path) -> None:
+    plt = _pyplot()
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, g in enumerate(groups):
+        for j, run in enumerate(g.runs):
+            curve = validation_curve(run.path)
+            if curve is None:
+                continue
+            steps, seconds, loss = curve
+            label = f"{g.label} (T={g.block_size})" if j == 0 else None
+            style = {"color": colors[i % len(colors)], "marker": ".", "alpha": 0.8}
+            by_step.plot(steps, loss, label=label, **style)
+            by_time.plot(seconds, loss, **style)
+    by_step.set_xlabel("step")
+    by_time.set_xlabel("training time (s, evaluation excluded)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    by_step.legend(fontsize=8)
+    fig.suptitle("Validation loss (one line per run; seeds share a colour)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sequence_length(groups: Sequence[Group], path: Path) -> None:
+    plt = _pyplot()
+    lengths = sorted({g.block_size for g in groups})
+    fig, (memory, speed) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if len(lengths) < 2:
+        for ax in (memory, speed):
+            ax.axis("off")
+        fig.text(0.5, 0.5, f"Only one sequence length (T={lengths[0] if lengths else '-'}) in these runs:\n"
+                 "sweep data.block_size=128,256,512 to see memory and throughput against length.",
+                 ha="center", va="center", fontsize=12)
+    else:
+        lines: dict[str, list[Group]] = {}
+        for g in groups:
+            lines.setdefault(g.label, []).append(g)
+        for label, members in lines.items():
+            members.sort(key=lambda g: g.block_size)
+            xs = [g.block_size for g in members]
+            memory.plot(xs, [g.mean(METRIC["peak_memory_mb"]) for g in members], marker="o", label=label)
+            speed.plot(xs, [g.mean(METRIC["tokens_per_s"]) for g in members], marker="o", label=label)
+        for ax, name in ((memory, "peak memory (MB)"), (speed, "training tokens/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length T (data.block_size)")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+        memory.legend(fontsize=8)
+    fig.suptitle("Peak memory and throughput vs sequence length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- entry points
+@dataclass
+class Report:
+    groups: list[Group]
+    failed: list[FailedRun]
+    files: dict[str, Path]
+
+
+def build_report(paths: Sequence[Path | str], out: Path | str) -> Report:
+    """Load, group, and write ``report.md``, ``summary.csv``, ``runs.csv`` and the plots to ``out``."""
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, failed = load_runs(paths)
+    groups = group_runs(runs)
+    files = {"summary.csv": out / "summary.csv", "runs.csv": out / "runs.csv"}
+    write_csv(files["summary.csv"], summary_rows(groups) or [{"mechanism": "no complete runs"}])
+    write_csv(files["runs.csv"], run_rows(runs, failed) or [{"status": "no runs found"}])
+    plots = []
+    if groups:
+        for name, draw in (("pareto.png", plot_pareto), ("val_loss.png", plot_validation),
+                           ("seq_len.png", plot_sequence_length)):
+            draw(groups, out / name)
+            plots.append(out / name)
+            files[name] = out / name
+    files["report.md"] = out / "report.md"
+    files["report.md"].write_text(markdown_report(groups, failed, plots, paths))
+    return Report(groups, failed, files)
+
+
+def log_to_wandb(report: Report, project: str) -> None:
+    """Log the summary as a ``wandb.Table`` and the plots as images (offline without WANDB_API_KEY)."""
+    import wandb
+
+    if not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    rows = summary_rows(report.groups)
+    out = report.files["report.md"].parent
+    run = wandb.init(project=project, job_type="compare", dir=str(out), name="compare-attention")
+    table = wandb.Table(columns=list(rows[0]), data=[[_wandb_value(row[c]) for c in row] for row in rows])
+    run.log({"comparison": table,
+             **{name: wandb.Image(str(path)) for name, path in report.files.items() if path.suffix == ".png"}})
+    run.finish()
+
+
+def _wandb_value(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="attn-lm-compare", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path, help="multirun directories and/or run directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: <the one path>/report, or ./compare_report)")
+    parser.add_argument("--wandb", action="store_true", help="also log the table and plots to Weights & Biases")
+    parser.add_argument("--wandb-project", default="attn_lm")
+    args = parser.parse_args(argv)
+    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("compare_report"))
+    report = build_report(args.paths, out)
+    if report.groups:
+        print(markdown_table(report.groups))
+    else:
+        print("no complete runs found")
+    for f in report.failed:
+        print(f"{'failed' if f.path else 'missing'}: {f.path or ' '.join(f.overrides)}: {f.reason}")
+    print(f"report: {report.files['report.md']}")
+    if args.wandb and report.groups:
+        log_to_wandb(report, args.wandb_project)
+    return 0 if report.groups else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
