@@ -4,6 +4,8 @@ the device only at window boundaries, so the training step itself never waits on
 """
 from __future__ import annotations
 
+import os
+import platform
 import resource
 import sys
 import time
@@ -19,6 +21,12 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _sync(device: torch.device) -> None:
@@ -42,6 +50,10 @@ class SpeedMonitor(L.Callback):
         self._tokens = 0
         self._fit_start: Optional[float] = None
         self.train_seconds = 0.0
+        #: Peak memory and device name, read at the end of training (Lightning moves the module
+        #: back to the CPU after ``fit``, so they cannot be read from it afterwards).
+        self.peak_memory: tuple[float, str] = (0.0, "")
+        self.device_name = ""
 
     def on_train_start(self, trainer, pl_module) -> None:
         if pl_module.device.type == "cuda":
@@ -70,6 +82,8 @@ class SpeedMonitor(L.Callback):
             self._close_window(trainer, pl_module)
         if self._fit_start is not None:
             self.train_seconds = time.perf_counter() - self._fit_start
+        self.peak_memory = peak_memory_mb(pl_module.device)
+        self.device_name = device_name(pl_module.device)
 
     def _close_window(self, trainer, pl_module) -> None:
         _sync(pl_module.device)

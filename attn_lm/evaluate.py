@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from .configure import CONF_DIR
 from .lit_module import LitGPT
-from .train import check_writable, device_name, run_dir
+from .callbacks import device_name
+from .train import check_writable, run_dir
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -40,7 +41,7 @@ def evaluate(cfg: DictConfig) -> dict:
     tokens = datamodule.split_stats[cfg.split]["tokens"]
     result = {"checkpoint": str(ckpt), "split": cfg.split, **{k: float(v) for k, v in metrics.items()},
               "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-              "device": device_name(module), "attention": module.model.layer_types}
+              "device": device_name(trainer.strategy.root_device), "attention": module.model.layer_types}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 import torch
 from torchmetrics.aggregation import MeanMetric
 
@@ -45,7 +46,7 @@ class LitGPT(L.LightningModule):
             object.__setattr__(self, "_compiled", torch.compile(self.model))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        return (self._compiled or self.model)(idx, targets)
+        return (self.model if self._compiled is None else self._compiled)(idx, targets)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
@@ -92,25 +93,52 @@ class LitGPT(L.LightningModule):
             (decay if param.dim() >= 2 else no_decay).append(param)
         o = self.optim
         fused = o.get("fused", "auto")
-        fused = torch.cuda.is_available() and self.device.type == "cuda" if fused == "auto" else bool(fused)
+        if fused == "auto":
+            # fp16 mixed precision scales gradients; keep its unscaling in Lightning's GradScaler path.
+            fused = self.device.type == "cuda" and "16-mixed" != str(self.trainer.precision)
+        self._fused = bool(fused)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o["lr"], betas=tuple(o["betas"]), eps=o.get("eps", 1e-8), fused=fused,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = warmup_cosine(int(o["warmup_steps"]), total, float(o["min_lr_ratio"]))
+        total = self.trainer.estimated_stepping_batches
+        if math.isinf(total):  # a wall-clock budget: decay over the time instead of the steps
+            timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+            if timer is None:
+                raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs or trainer.max_time")
+            schedule = warmup_cosine(int(o["warmup_steps"]), None, float(o["min_lr_ratio"]), timer)
+        else:
+            schedule = warmup_cosine(int(o["warmup_steps"]), max(1, int(total)), float(o["min_lr_ratio"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip here when AdamW is fused: Lightning refuses to clip for optimizers that may unscale
+        gradients themselves, but without fp16 loss scaling the gradients are already unscaled."""
+        if not getattr(self, "_fused", False) or gradient_clip_val is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: Optional[int], min_ratio: float, timer: Optional[Timer] = None):
     """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine decay to
-    ``min_ratio`` at ``total_steps`` (and flat after)."""
+    ``min_ratio`` at ``total_steps`` (and flat after). With a wall-clock budget (``timer``, the
+    ``trainer.max_time`` callback, and no step count) the decay follows the fraction of the
+    training time used, so every run of an equal-time comparison gets a whole schedule."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if timer is not None:
+            elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train") or 0.0
+            progress = min(1.0, elapsed / max(1e-9, elapsed + remaining))
+        else:
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

@@ -18,10 +18,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import SpeedMonitor, peak_memory_mb
+from .callbacks import SpeedMonitor
 from .configure import CONF_DIR, gpt_config
 from .lit_module import LitGPT
 from .sweep import budget_summary, completed_results
@@ -55,12 +55,6 @@ def library_versions() -> dict[str, str]:
             "hydra": hydra_pkg.__version__}
 
 
-def device_name(module: L.LightningModule) -> str:
-    if module.device.type == "cuda":
-        return torch.cuda.get_device_name(module.device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def build_loggers(cfg: DictConfig, out: Path) -> list:
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -71,6 +65,13 @@ def build_loggers(cfg: DictConfig, out: Path) -> list:
             os.environ.setdefault("WANDB_MODE", "offline")
         loggers.append(instantiate(node, save_dir=str(out)))
     return loggers
+
+
+def use_compile(cfg: DictConfig) -> bool:
+    """``compile: auto`` compiles when the run trains on a GPU."""
+    if str(cfg.compile) == "auto":
+        return torch.cuda.is_available() and str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda")
+    return bool(cfg.compile)
 
 
 def _metric(metrics: dict, key: str) -> Optional[float]:
@@ -86,6 +87,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return finished
     check_writable(out)
     L.seed_everything(int(cfg.seed), workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the remaining fp32 matmuls
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -93,12 +96,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if int(cfg.data.block_size) > model_config.block_size:
         raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
                          f"{model_config.block_size}, the longest context the model supports")
-    module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=bool(cfg.compile))
+    module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg))
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", monitor="val/loss",
                                  mode="min", save_last=True, auto_insert_metric_name=False)
     loggers = build_loggers(cfg, out)
     callbacks = [checkpoint, speed] + ([LearningRateMonitor("step")] if loggers else [])
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
                                      callbacks=callbacks)
     start = time.perf_counter()
@@ -106,7 +111,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.get("test_after_training") else {}
     wall = time.perf_counter() - start
-    peak, peak_kind = peak_memory_mb(module.device)
+    peak, peak_kind = speed.peak_memory
     best = checkpoint.best_model_score
     results = {
         "status": "complete",
@@ -126,7 +131,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "wall_time_s": wall,
-        "device": device_name(module),
+        "device": speed.device_name,
         "precision": str(trainer.precision),
         "versions": library_versions(),
         "dataset": datamodule.fingerprint,

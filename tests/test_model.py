@@ -122,3 +122,20 @@ def test_kv_cache_decoding_equals_full_forward():
     caches = model.new_caches(2, 20)
     steps = [model(idx[:, :7], caches=caches)] + [model(idx[:, t:t + 1], caches=caches) for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_lightning_module_runs_compiled_model(monkeypatch):
+    """compile=true wraps the model in torch.compile (eager backend here to keep CPU tests fast)."""
+    import functools
+
+    from attn_lm.lit_module import LitGPT
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    module = LitGPT(tiny(), {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 1,
+                             "min_lr_ratio": 0.1}, compile=True)
+    module.configure_model()
+    assert module._compiled is not None and "_compiled" not in dict(module.named_children())
+    idx = torch.randint(0, 61, (2, 8))
+    _, loss = module(idx, idx)
+    assert torch.isfinite(loss)
+    assert not any(k.startswith("_compiled") for k in module.state_dict())

@@ -132,3 +132,20 @@ def test_wandb_logger_runs_offline_without_a_key(tmp_path, smoke_overrides, monk
                                  "trainer.val_check_interval=2"]))
     assert results["status"] == "complete"
     assert list(Path(results["run_dir"]).glob("wandb/offline-run-*"))
+
+
+def test_fused_adamw_with_gradient_clipping(tmp_path, smoke_overrides, monkeypatch):
+    """Fused AdamW (the GPU default) and gradient clipping work together."""
+    monkeypatch.chdir(tmp_path)
+    results = train(compose_cfg([*smoke_overrides, "optim.fused=true", "trainer.gradient_clip_val=0.5",
+                                 "trainer.max_steps=3"]))
+    assert results["status"] == "complete" and results["steps"] == 3
+
+
+def test_wall_clock_budget_runs_a_time_based_schedule(tmp_path, smoke_overrides, monkeypatch):
+    """trainer.max_time without a step limit (equal-time comparisons): the LR follows the time."""
+    monkeypatch.chdir(tmp_path)
+    results = train(compose_cfg([*smoke_overrides, "trainer.max_steps=-1", "trainer.max_time=00:00:00:04",
+                                 "trainer.val_check_interval=5", "trainer.log_every_n_steps=1"]))
+    assert results["status"] == "complete" and results["steps"] > 0
+    assert results["wall_time_s"] < 60 and results["device"].startswith("cpu")

@@ -1,0 +1,516 @@
+"""Benchmark the attention core of every registered mechanism against PyTorch's fused kernels.
+
+What is measured
+----------------
+For every mechanism x sequence length ``T`` x head dim ``D`` x mode (``fwd``, ``fwd+bwd``), on
+``H`` heads and a batch ``B = max(1, tokens_heads // (H T))`` (so every shape does about the same
+``B H T = 2^18`` rows of work; ``T = 32768`` with ``H = 16`` gets ``B = 1``, twice that):
+
+* the mechanism's **attention core**: its ``attend(q, k, v, q_pos, kv_pos, mask=None)`` hook on
+  pre-made ``q [B, H, T, D]``, ``k, v [B, Hkv, T, D]`` (no projections), causal;
+* with ``--whole-module`` also the whole layer ``module(x)`` (QKV and output projections too);
+* baselines on the same shapes, in the same run: causal SDPA pinned to each backend (flash, cuDNN,
+  memory-efficient; a backend that cannot run the shape is reported as unavailable), compiled
+  FlexAttention with a causal ``BlockMask``, and naive ``softmax(Q K^T / sqrt(d)) V`` (skipped
+  when its ``B H T^2`` score tensors would not fit in free memory).
+
+``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` runs the forward with inputs that require
+grad and ``torch.autograd.grad`` of the output against a fixed random gradient, w.r.t.
+``q, k, v`` (core) or ``x`` and the parameters (module). Times are medians (see
+``_bench_common``). Mechanisms that are not exact softmax attention (kernel, low-rank, ...) run
+plain PyTorch ops, so their ``attend`` / module is ``torch.compile``d (``--compile auto``, the
+default on CUDA); exact ones already dispatch to fused SDPA / FlexAttention kernels (compiled
+inside ``attn_lm.attention.functional``), and the tile-by-tile teaching code (``flash_v1``,
+``flash_v2``) must not be unrolled by the compiler.
+
+Columns
+-------
+* ``ms``: median milliseconds per call;
+* ``TFLOP/s``: useful FLOPs / time. Exact (softmax) attention: ``fwd = 4 B H T^2 D density``
+  (``Q K^T`` and ``P V``, two multiply-adds per score) where ``density`` is the exact fraction of
+  the ``T x T`` scores the mechanism's pattern allows (``(T + 1) / 2T`` for causal full attention,
+  counted row-chunk by row-chunk on the device, never as one ``T x T`` tensor); ``fwd+bwd = 3.5 x
+  fwd`` (FlashAttention's convention: the backward recomputes ``Q K^T`` and does four more
+  matmuls). Baselines use the causal density too, so a kernel that computes and discards masked
+  scores gets no credit for them. Kernelized attention (``linear``, ``performer``, ``cosformer``,
+  ``F`` features, chunk ``C``) per head: ``2 T C (F + D)`` (intra-chunk scores and values)
+  ``+ 4 T F D`` (chunk states and their read-out) ``+ 4 T D F`` for Performer's random
+  projection of ``q`` and ``k``. Chunked low-rank (``linformer``, ``nystrom``, ``n = ceil(T / C)``
+  chunks of ``C`` with ``p`` summaries each) per head: ``4 n C^2 D`` (own chunk) ``+ 4 n C (n p) D``
+  (every summary, masked ones included, as the kernel computes them) ``+ 4 n p C D``
+  (summarising). Both: ``fwd+bwd = 3 x fwd`` (a matmul's backward is two matmuls, nothing is
+  recomputed). ``--whole-module`` adds the projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for
+  fwd+bwd). Mechanisms outside these families report no FLOPs;
+* ``peak MB``: peak allocated CUDA memory during one call, inputs included;
+* ``vs SDPA``: ``best_sdpa_ms / ms`` against the fastest SDPA backend on the same shape and mode
+  (``> 1`` = faster than PyTorch's best fused kernel);
+* ``wall s``: wall-clock seconds the cell took, compilation and warm-up included (for planning
+  sweeps: each new shape of a compiled mechanism or of FlexAttention compiles again);
+* ``rel err``: ``||out - ref|| / ||ref||`` on fresh random inputs at ``T = --check-len`` in the
+  benchmark dtype, against a float32 reference: dense masked softmax under the mechanism's
+  pattern for exact mechanisms; for approximations their own explicit ``attend_reference`` (so
+  it checks the fast path, not the approximation). ``!`` marks an error above the dtype's
+  tolerance.
+
+Out-of-memory in any cell prints ``OOM`` and the sweep goes on (larger ``T`` of that series are
+skipped). A call slower than ``--max-call-ms`` is timed once, and a cell whose call is predicted
+to be slower (``T^2`` extrapolation from the series' previous length) is skipped: this keeps the
+tile-by-tile teaching code (``flash_v1``, ``flash_v2``) from eating the sweep. Output: a markdown
+table on stdout, streamed row by row, and one JSON object per row in ``--out``.
+
+Example: ``python scripts/bench_attention.py --mechanisms full,local,linear --out attn.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import _bench_common as common  # first: puts the repository root on sys.path
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from attn_lm import AttentionConfig, AttentionFactory
+from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
+from attn_lm.attention.functional import reference_attention
+from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
+from attn_lm.attention.lowrank import ChunkedLowRankAttention
+
+#: Benchmark defaults per mechanism (applied only to options the mechanism declares).
+BENCH_OPTIONS: dict[str, dict[str, Any]] = {
+    "local": {"window_size": 1024},
+    "block_sparse": {"block_size": 128},
+    "longformer": {"window_size": 1024},
+    "bigbird": {"window_size": 1024, "block_size": 128},
+    "strided": {"stride": 128},
+    "gqa": {"n_kv_heads": 4},
+    "linear": {"chunk_size": 64},
+    "cosformer": {"chunk_size": 64},
+    "performer": {"chunk_size": 64},
+}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+#: ``rel err`` above this (per benchmark dtype) is flagged with ``!``.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-3}
+FULL_SWEEP = {"seq_lens": [1024, 4096, 16384, 32768], "head_dims": [64, 128]}
+QUICK_SWEEP = {"seq_lens": [1024, 4096], "head_dims": [128]}
+MODES = ("fwd", "fwd+bwd")
+BASELINES = ("sdpa", "flex", "naive")
+COLUMNS = ["name", "T", "D", "B", "mode", "ms", "TFLOP/s", "peak MB", "vs SDPA", "rel err", "wall s", "note"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    H: int
+    T: int
+    D: int
+
+
+# ----------------------------------------------------------------------------- FLOPs
+_densities: "weakref.WeakKeyDictionary[MaskPattern, dict[int, float]]" = weakref.WeakKeyDictionary()
+
+
+def pattern_density(pattern: MaskPattern, T: int, device: torch.device) -> float:
+    """Exact fraction of allowed ``(query, key)`` pairs, counted in row chunks of ~16M entries
+    (cached per pattern object and length)."""
+    cache = _densities.setdefault(pattern, {})
+    if T not in cache:
+        pos = torch.arange(T, device=device)
+        rows = max(1, 2**24 // T)
+        cache[T] = sum(int(pattern.dense(pos[a:a + rows], pos).sum()) for a in range(0, T, rows)) / T**2
+    return cache[T]
+
+
+_CAUSAL = MaskPattern(causal=True)
+
+
+def softmax_flops(shape: Shape, density: float, mode: str) -> float:
+    fwd = 4 * shape.B * shape.H * shape.T**2 * shape.D * density
+    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device) -> Optional[float]:
+    """Useful FLOPs of one ``attend`` call (formulas in the module docstring); ``None`` when the
+    mechanism's family has no formula here."""
+    T, D = shape.T, shape.D
+    if module.exact:
+        return softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
+    if isinstance(module, KernelizedAttention):
+        C, Fd = min(module.opt("chunk_size"), T), module.feature_dim
+        per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
+        if isinstance(module, PerformerAttention):
+            per_head += 4 * T * D * Fd
+    elif isinstance(module, ChunkedLowRankAttention):
+        C, p = module.chunk_size, module.summary_len
+        n = -(-T // C)
+        per_head = 4 * n * C * C * D + 4 * n * C * (n * p) * D + 4 * n * p * C * D
+    else:
+        return None
+    return shape.B * shape.H * per_head * (3.0 if mode == "fwd+bwd" else 1.0)
+
+
+def projection_flops(module: Attention, shape: Shape, mode: str) -> float:
+    fwd = 2 * shape.B * shape.T * (module.qkv.weight.numel() + module.out.weight.numel())
+    return fwd * (3.0 if mode == "fwd+bwd" else 1.0)
+
+
+# ----------------------------------------------------------------------------- baselines
+def sdpa_baseline(backend: SDPBackend) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def run(q, k, v):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return run
+
+
+_compiled_flex = None
+
+
+def flex_baseline(T: int, device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """Compiled FlexAttention with the causal pattern's cached ``BlockMask``."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = _CAUSAL.block_mask(T, T, device)
+    return lambda q, k, v: _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``softmax(Q K^T / sqrt(d) + causal mask) V`` with the ``T x T`` scores in memory."""
+    T = q.shape[-2]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1) @ v
+
+
+def naive_fits(shape: Shape, mode: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Scores, masked scores and probabilities are alive at once in the forward; the backward
+    adds the gradients of probabilities and scores next to the saved probabilities."""
+    tensors = 3 if mode == "fwd" else 4
+    need = tensors * shape.B * shape.H * shape.T**2 * dtype.itemsize + shape.T**2
+    return need < 0.9 * common.free_memory_bytes(device)
+
+
+# ----------------------------------------------------------------------------- mechanisms
+def mechanism_options(name: str, args) -> dict[str, Any]:
+    """The benchmark's defaults for ``name`` (only options it declares) overridden by ``--options``."""
+    cls = AttentionFactory.get_class(name)
+    options = {k: v for k, v in BENCH_OPTIONS.get(cls.name, {}).items() if k in cls.options}
+    options.update(args.options.get(cls.name, {}))
+    return options
+
+
+def build_module(name: str, D: int, args, device: torch.device, dtype: torch.dtype) -> Attention:
+    config = AttentionConfig(attention_type=name, d_model=args.heads * D, n_heads=args.heads,
+                             max_seq_len=max(*args.seq_lens, args.check_len), **mechanism_options(name, args))
+    torch.manual_seed(0)
+    return AttentionFactory.create_attention(config).to(device=device, dtype=dtype).eval()
+
+
+def wants_compile(module: Attention, policy: str) -> bool:
+    """``auto``: compile everything but exact softmax attention (fused kernels already; see the
+    module docstring)."""
+    return policy == "all" or (policy == "auto" and not isinstance(module, SoftmaxAttention))
+
+
+class Mechanism:
+    """One benchmarked layer: its (maybe compiled) core and whole-module callables."""
+
+    def __init__(self, module: Attention, compile_policy: str):
+        self.module = module
+        self.compiled = wants_compile(module, compile_policy)
+        self.attend = torch.compile(module.attend) if self.compiled else module.attend
+        self.layer = torch.compile(module) if self.compiled else module
+
+    def core(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        pos = torch.arange(q.shape[2], device=q.device)
+        return self.attend(q, k, v, pos, pos, None)
+
+    def whole(self, x: Tensor) -> Tensor:
+        return self.layer(x, context=x if self.module.uses_context else None)
+
+    def relative_error(self, T: int, device: torch.device, dtype: torch.dtype) -> float:
+        """Fast path in ``dtype`` vs a float32 reference on fresh inputs (module docstring)."""
+        m = self.module
+        gen = torch.Generator(device=device).manual_seed(1)
+        q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
+                   for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
+        pos = torch.arange(T, device=device)
+        with torch.no_grad():
+            out = self.core(q.to(dtype), k.to(dtype), v.to(dtype)).float()
+            if m.exact:
+                ref = reference_attention(q, k, v, allowed=m.pattern.dense(pos, pos))
+            else:
+                ref = copy.deepcopy(m).float().attend_reference(q, k, v, pos, pos, None)
+        return ((out - ref).norm() / ref.norm()).item()
+
+
+# ----------------------------------------------------------------------------- one cell
+def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.Size, mode: str,
+              extra_leaves: list[Tensor]) -> Callable[[], Any]:
+    """The callable that is timed: a no-grad forward, or forward + ``autograd.grad``."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return forward
+    leaves = [*inputs, *extra_leaves]
+    grad = torch.randn(out_shape, device=inputs[0].device, dtype=inputs[0].dtype)
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*inputs), leaves, grad)
+
+    return forward_backward
+
+
+def random_inputs(shapes: list[tuple[int, ...]], mode: str, device, dtype) -> list[Tensor]:
+    torch.manual_seed(0)
+    return [torch.randn(s, device=device, dtype=dtype, requires_grad=mode == "fwd+bwd") for s in shapes]
+
+
+class Sweep:
+    """Runs cells, streams rows (table + JSON) and remembers which series to stop early."""
+
+    def __init__(self, args, device: torch.device, dtype: torch.dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.table = common.MarkdownTable(COLUMNS)
+        self.json = common.JsonLines(args.out)
+        self.stopped: dict[tuple, str] = {}  # series -> why its larger T are skipped (OOM)
+        self.last: dict[tuple, tuple[int, float]] = {}  # series -> (T, ms) of its last measured cell
+
+    def skip_reason(self, series: tuple, T: int) -> Optional[str]:
+        """Why the cell of ``series`` at length ``T`` is not run: an OOM at a shorter length, or a
+        call predicted slower than ``--max-call-ms`` (``ms * (T / T_last)^2``: no mechanism grows
+        faster than ``T^2``, and ``B`` never grows with ``T``)."""
+        if series in self.stopped:
+            return self.stopped[series]
+        if series in self.last:
+            last_T, last_ms = self.last[series]
+            predicted = last_ms * (T / last_T) ** 2
+            if predicted > self.args.max_call_ms:
+                return f"skipped (~{predicted:.0f} ms/call predicted from T={last_T})"
+        return None
+
+    def run(self, row: dict, series: tuple, step_factory: Callable[[], Callable[[], Any]],
+            flops: Callable[[], Optional[float]], best_sdpa: Optional[float]) -> Optional[float]:
+        """Time one cell described by ``row`` (name, shape, mode...); returns its median ms, or
+        ``None`` when it did not run (skipped, OOM, error: said in the row's note)."""
+        skip = self.skip_reason(series, row["T"])
+        if skip:
+            return self.emit(row, skip)
+        start = time.perf_counter()
+        try:
+            step = step_factory()
+            timing = common.benchmark(step, self.device, target_ms=self.args.target_ms,
+                                      budget_ms=self.args.max_call_ms)
+        except Exception as error:  # one failed cell must not end a long sweep
+            note = common.describe_error(error)
+            if note == "OOM":
+                self.stopped[series] = f"skipped (OOM at T={row['T']})"
+            return self.emit(row, note)
+        finally:
+            step = None  # drop the inputs and autograd graph before the next cell
+            common.release_memory(self.device)
+            row["wall_s"] = time.perf_counter() - start  # compilation included: for planning sweeps
+        n_flops = flops()
+        row.update(ms=timing.ms, reps=timing.reps, peak_mb=timing.peak_mb,
+                   tflops=None if n_flops is None else n_flops / (timing.ms * 1e-3) / 1e12,
+                   vs_best_sdpa=None if best_sdpa is None else best_sdpa / timing.ms)
+        self.last[series] = (row["T"], timing.ms)
+        note = row.get("note")
+        if timing.over_budget:
+            note = f"1 call > {self.args.max_call_ms:.0f} ms" + (f", {note}" if note else "")
+        self.emit(row, note)
+        return timing.ms
+
+    def emit(self, row: dict, note: Optional[str]) -> None:
+        row["note"] = note
+        self.json.write(row)
+        rel = row.get("rel_err")
+        flag = "!" if rel is not None and rel > TOLERANCE[self.dtype] else ""
+        self.table.row({**row, "TFLOP/s": row.get("tflops"), "peak MB": row.get("peak_mb"),
+                        "vs SDPA": row.get("vs_best_sdpa"), "rel err": None if rel is None else f"{rel:.1e}{flag}",
+                        "wall s": row.get("wall_s")})
+
+    def new_row(self, name: str, shape: Shape, mode: str, **fields) -> dict:
+        return {"name": name, "T": shape.T, "D": shape.D, "B": shape.B, "H": shape.H, "mode": mode,
+                "dtype": str(self.dtype).removeprefix("torch."), **fields}
+
+
+def run_baselines(sweep: Sweep, shape: Shape, mode: str) -> Optional[float]:
+    """Every baseline on ``shape``; returns the best SDPA time (``None`` if no backend ran)."""
+    args, device, dtype = sweep.args, sweep.device, sweep.dtype
+    qkv_shape = (shape.B, shape.H, shape.T, shape.D)
+
+    def causal_flops():
+        return softmax_flops(shape, pattern_density(_CAUSAL, shape.T, device), mode)
+
+    def run(name: str, make_fn: Callable[[], Callable], best: Optional[float]) -> Optional[float]:
+        def step_factory():
+            inputs = random_inputs([qkv_shape] * 3, mode, device, dtype)
+            return make_step(make_fn(), inputs, torch.Size(qkv_shape), mode, [])
+
+        row = sweep.new_row(name, shape, mode, kind="baseline")
+        return sweep.run(row, (name, shape.D, mode), step_factory, causal_flops, best)
+
+    times = [run(f"sdpa[{b}]", lambda b=b: sdpa_baseline(SDPA_BACKENDS[b]), None) for b in args.sdpa_backends]
+    best = min((t for t in times if t is not None), default=None)
+    if "flex" in args.baselines:
+        run("flex", lambda: flex_baseline(shape.T, device), best)
+    if "naive" in args.baselines:
+        if naive_fits(shape, mode, dtype, device):
+            run("naive", lambda: naive_attention, best)
+        else:
+            sweep.emit(sweep.new_row("naive", shape, mode, kind="baseline"), "OOM/skip (T x T scores do not fit)")
+    return best
+
+
+@dataclass
+class Prepared:
+    """A mechanism built for one head dim, with its correctness check (or why it failed)."""
+
+    mechanism: Optional[Mechanism]
+    rel_err: Optional[float] = None
+    note: Optional[str] = None
+
+
+def prepare(name: str, D: int, args, device: torch.device, dtype: torch.dtype) -> Prepared:
+    try:
+        mech = Mechanism(build_module(name, D, args, device, dtype), args.compile)
+    except Exception as error:  # a mechanism that cannot be built at this shape is reported, not fatal
+        return Prepared(None, note=f"not built: {common.describe_error(error)}")
+    try:
+        return Prepared(mech, mech.relative_error(args.check_len, device, dtype), "compiled" if mech.compiled else None)
+    except Exception as error:
+        common.release_memory(device)
+        return Prepared(mech, note=f"check failed: {common.describe_error(error)}")
+
+
+def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mode: str,
+                  best_sdpa: Optional[float]) -> None:
+    device, dtype, mech = sweep.device, sweep.dtype, prepared.mechanism
+    fields = {"kind": "mechanism", "rel_err": prepared.rel_err, "note": prepared.note}
+    if mech is None:
+        return sweep.emit(sweep.new_row(name, shape, mode, **fields), prepared.note)
+    m = mech.module
+    fields["compiled"] = mech.compiled
+    q_shape, kv_shape = (shape.B, m.n_heads, shape.T, shape.D), (shape.B, m.n_kv_heads, shape.T, shape.D)
+
+    def core_step():
+        inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
+        return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])
+
+    sweep.run(sweep.new_row(name, shape, mode, scope="core", **fields), (name, "core", shape.D, mode), core_step,
+              lambda: core_flops(m, shape, mode, device), best_sdpa)
+    if not sweep.args.whole_module:
+        return
+    x_shape = (shape.B, shape.T, m.config.d_model)
+
+    def module_step():
+        params = [p for p in m.parameters() if p.requires_grad] if mode == "fwd+bwd" else []
+        return make_step(mech.whole, random_inputs([x_shape], mode, device, dtype), torch.Size(x_shape), mode, params)
+
+    def module_flops():
+        core = core_flops(m, shape, mode, device)
+        return None if core is None else core + projection_flops(m, shape, mode)
+
+    sweep.run(sweep.new_row(f"{name} (module)", shape, mode, scope="module", **fields),
+              (name, "module", shape.D, mode), module_step, module_flops, None)
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    device = common.default_device()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mechanisms", type=common.csv_strs, default=None,
+                   help="comma-separated (default: every registered one)")
+    p.add_argument("--seq-lens", type=common.csv_ints, default=None, help=f"default {FULL_SWEEP['seq_lens']}")
+    p.add_argument("--head-dims", type=common.csv_ints, default=None, help=f"default {FULL_SWEEP['head_dims']}")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--tokens-heads", type=int, default=2**18, help="B = max(1, this // (heads * T))")
+    p.add_argument("--modes", type=common.csv_strs, default=list(MODES), help="fwd, fwd+bwd")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), default=common.default_dtype(device))
+    p.add_argument("--options", action="append", default=[], metavar="MECH.OPTION=VALUE",
+                   help="mechanism option override, repeatable (e.g. --options local.window_size=512)")
+    p.add_argument("--baselines", type=common.csv_strs, default=list(BASELINES),
+                   help=f"subset of {','.join(BASELINES)}")
+    p.add_argument("--sdpa-backends", type=common.csv_strs, default=["flash", "cudnn", "efficient"],
+                   help=f"subset of {','.join(SDPA_BACKENDS)}")
+    p.add_argument("--whole-module", action="store_true", help="also time the whole layer (projections included)")
+    p.add_argument("--compile", choices=("auto", "all", "none"), default="auto" if device.type == "cuda" else "none",
+                   help="torch.compile the mechanisms: auto = all but exact softmax ones (default on CUDA)")
+    p.add_argument("--check-len", type=int, default=1024, help="sequence length of the correctness check")
+    p.add_argument("--target-ms", type=float, default=100.0, help="time spent on the timed calls of a cell")
+    p.add_argument("--max-call-ms", type=float, default=2000.0,
+                   help="a slower call is timed once; a cell predicted slower (T^2 from the previous T) is skipped")
+    p.add_argument("--quick", action="store_true", help=f"small sweep: {QUICK_SWEEP}")
+    p.add_argument("--out", type=str, default=None, help="JSON-lines output file")
+    args = p.parse_args(argv)
+    sweep = QUICK_SWEEP if args.quick else FULL_SWEEP
+    args.seq_lens = args.seq_lens or sweep["seq_lens"]
+    args.head_dims = args.head_dims or sweep["head_dims"]
+    args.mechanisms = [AttentionFactory.get_class(n).name for n in (args.mechanisms or AttentionFactory.names())]
+    args.options = common.parse_mechanism_options(args.options)
+    for flag, values, valid in (("--modes", args.modes, MODES), ("--baselines", args.baselines, BASELINES),
+                                ("--sdpa-backends", args.sdpa_backends, SDPA_BACKENDS)):
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; valid: {', '.join(valid)}")
+    if "sdpa" not in args.baselines:
+        args.sdpa_backends = []
+    args.device = device
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = args.device, common.DTYPES[args.dtype]
+    common.raise_recompile_limits()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (kernel features/states), as in training
+    configs = "; ".join(
+        f"{name}: " + (", ".join(f"{k}={v}" for k, v in mechanism_options(name, args).items()) or "defaults")
+        for name in args.mechanisms
+    )
+    print("# Attention core benchmark\n")
+    print(common.header(device, [
+        f"dtype {args.dtype}, H={args.heads}, B = max(1, {args.tokens_heads} // (H T)), causal, compile={args.compile}",
+        "TFLOP/s count useful FLOPs only (pattern density; fwd+bwd = 3.5x fwd for softmax, 3x otherwise)",
+        ("vs SDPA = best SDPA backend ms / ms (>1 = faster); rel err vs float32 reference at "
+         f"T={args.check_len} ('!' = above {TOLERANCE[dtype]:.0e})"),
+        f"mechanism options: {configs}",
+    ]))
+    print()
+    sweep = Sweep(args, device, dtype)
+    try:
+        for D in args.head_dims:
+            prepared: dict[str, Prepared] = {}
+            for T in args.seq_lens:
+                shape = Shape(max(1, args.tokens_heads // (args.heads * T)), args.heads, T, D)
+                for mode in args.modes:
+                    best = run_baselines(sweep, shape, mode)
+                    for name in args.mechanisms:
+                        if name not in prepared:
+                            prepared[name] = prepare(name, D, args, device, dtype)
+                        run_mechanism(sweep, name, prepared[name], shape, mode, best)
+            del prepared
+            common.release_memory(device)
+    finally:
+        sweep.json.close()
+
+
+if __name__ == "__main__":
+    main()

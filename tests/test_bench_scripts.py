@@ -1,0 +1,87 @@
+"""The GPU benchmark scripts run end to end on CPU at tiny sizes and print their tables."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+# One thread: tiny ops on a busy 2-core machine are dominated by thread hand-offs otherwise.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
+                            env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """Cells of the markdown table rows (header and separator excluded)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, stdout
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_bench_attention_tiny(tmp_path):
+    out = tmp_path / "attn.jsonl"
+    stdout = run_script(
+        "bench_attention.py", "--mechanisms", "full,linear,linformer", "--seq-lens", "32,64", "--head-dims", "8",
+        "--heads", "2", "--tokens-heads", "256", "--check-len", "32", "--baselines", "sdpa,naive",
+        "--sdpa-backends", "flash,math", "--target-ms", "1", "--whole-module", "--out", str(out),
+    )
+    assert "- device: CPU" in stdout and "- command:" in stdout
+    rows = table_rows(stdout)
+    names = {row[0] for row in rows}
+    assert {"sdpa[flash]", "sdpa[math]", "naive", "full", "linear", "linformer", "full (module)"} <= names
+    assert len(rows) == 2 * 2 * (3 + 2 * 3)  # (T, mode) x (baselines + core and module rows)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(rows)
+    for rec in records:
+        assert rec.get("ms", 0) > 0 and rec["note"] is None, rec
+        if rec["name"] in ("full", "linear", "linformer"):
+            assert rec["rel_err"] < 1e-4 and rec["tflops"] > 0 and rec["vs_best_sdpa"] > 0, rec
+    assert {rec["B"] for rec in records} == {4, 2}  # B = 256 // (2 heads * T)
+
+
+def test_bench_attention_skips_after_slow_call(tmp_path):
+    stdout = run_script(
+        "bench_attention.py", "--mechanisms", "full", "--seq-lens", "16,32", "--head-dims", "8", "--heads", "2",
+        "--check-len", "16", "--baselines", "naive", "--modes", "fwd", "--max-call-ms", "0",
+    )
+    notes = {(row[0], row[1]): row[-1] for row in table_rows(stdout)}
+    assert notes[("full", "16")].startswith("1 call >")
+    assert notes[("full", "32")].startswith("skipped (")
+
+
+def test_bench_train_tiny(tmp_path):
+    out = tmp_path / "train.jsonl"
+    stdout = run_script(
+        "bench_train.py", "--mechanisms", "full,linear", "--nanogpt-baseline", "--n-layer", "2", "--d-model", "32",
+        "--n-heads", "2", "--seq-len", "32", "--vocab-size", "64", "--batch-size", "2", "--warmup-steps", "1",
+        "--steps", "2", "--matmul-size", "64", "--out", str(out),
+    )
+    assert "TFLOP/s" in stdout
+    rows = table_rows(stdout)
+    assert [row[0] for row in rows] == ["full", "linear", "nanoGPT reference"]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(rec["tokens_per_s"] > 0 and rec["mfu"] > 0 for rec in records), records
+    # The reference has exactly the library model's shape, hence the same parameter count.
+    assert records[0]["params_m"] == records[2]["params_m"]
+
+
+def test_pattern_density_counts_rows_in_chunks(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = pytest.importorskip("bench_attention")
+    from attn_lm.attention.masks import MaskPattern, SlidingWindowPattern
+
+    T = 4500  # > 2^24 / T rows per chunk: counted in two chunks
+    assert bench.pattern_density(MaskPattern(causal=True), T, torch.device("cpu")) == pytest.approx((T + 1) / (2 * T))
+    window = SlidingWindowPattern(causal=True, window=7)
+    assert bench.pattern_density(window, T, torch.device("cpu")) == pytest.approx(window.density(T))
