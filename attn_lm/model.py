@@ -142,6 +142,8 @@ class GPT(nn.Module):
         T = idx.shape[1]
         offset = caches[0].length if caches else 0
         x = self.wte(idx)
+        if isinstance(self.wpe, LearnedPositionalEmbedding):
+            self.wpe.check_range(offset + T)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(offset, offset + T, device=idx.device))
         x = self.drop(x)

@@ -53,16 +53,15 @@ class LearnedPositionalEmbedding(nn.Embedding):
         super().__init__(max_len, d_model)
         self.max_len = max_len
 
-    def forward(self, positions: Tensor) -> Tensor:  # type: ignore[override]
-        # The check reads a value on the host: skipped inside torch.compile, where it would split the
-        # graph (training windows never exceed block_size, which train.py checks before starting).
-        if not torch.compiler.is_compiling() and int(positions.max()) >= self.max_len:
+    def check_range(self, end: int) -> None:
+        """Raise unless positions ``0 .. end - 1`` are defined. Takes a Python int, so the check
+        costs no device synchronisation (the model knows its offsets on the host)."""
+        if end > self.max_len:
             raise ValueError(
                 f"learned positions are defined up to {self.max_len - 1} (block_size={self.max_len}), got position "
-                f"{int(positions.max())}; feed at most the last {self.max_len} tokens, or train with "
+                f"{end - 1}; feed at most the last {self.max_len} tokens, or train with "
                 "position=alibi/rope/xpos/none to run past the training length"
             )
-        return super().forward(positions)
 
 
 def inverse_frequencies(dim: int, base: float) -> Tensor:
