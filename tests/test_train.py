@@ -149,3 +149,22 @@ def test_wall_clock_budget_runs_a_time_based_schedule(tmp_path, smoke_overrides,
                                  "trainer.val_check_interval=5", "trainer.log_every_n_steps=1"]))
     assert results["status"] == "complete" and results["steps"] > 0
     assert results["wall_time_s"] < 60 and results["device"].startswith("cpu")
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, smoke_overrides, monkeypatch):
+    """Stop at step 4, resume to step 8: the same training losses as one run to step 8 (CPU,
+    deterministic): step count, optimizer, scheduler and the data position are all restored."""
+    # A flat LR after warm-up, so the schedule does not depend on max_steps (a killed run's would not).
+    common = [*smoke_overrides, "trainer.deterministic=true", "trainer.val_check_interval=100",
+              "trainer.log_every_n_steps=1", "test_after_training=false", "optim.min_lr_ratio=1.0"]
+    for name in ("whole", "split"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "whole")
+    train(compose_cfg([*common, "trainer.max_steps=8"]))
+    monkeypatch.chdir(tmp_path / "split")
+    first = train(compose_cfg([*common, "trainer.max_steps=4"]))
+    resumed = train(compose_cfg([*common, "trainer.max_steps=8", f"ckpt_path={first['checkpoint']}"]))
+    assert resumed["steps"] == 8
+    whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+    assert len(whole) == 8 and len(split) == 8
+    assert split == whole

@@ -188,10 +188,18 @@ class LMDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        position = None
+        if trainer is not None:
+            # Windows follow the optimizer step, so resuming from any checkpoint (even mid-epoch)
+            # continues the exact stream of an uninterrupted run; all ranks' samples count.
+            def position() -> int:
+                return trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        sampler = EpochSampler(self.samples_per_epoch, position)
         return DataLoader(
             self._dataset("train"),
             batch_size=self.batch_size,
-            sampler=EpochSampler(self.samples_per_epoch),
+            sampler=sampler,
             drop_last=True,
             **self._loader_options(),
         )

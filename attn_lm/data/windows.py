@@ -6,11 +6,11 @@ are :data:`IGNORE_INDEX` (``-1``), which the model's cross-entropy ignores.
 
 Training (:class:`RandomWindows` + :class:`EpochSampler`)
     Item ``i`` is the window at an offset drawn from a generator seeded with ``(seed, i)``. The
-    sampler hands out *global* sample indices (epoch ``e`` gets ``e*N ... e*N+N-1``), so every
-    epoch sees fresh windows, any batch can be recomputed from its indices alone (reproducible
-    and resumable), and no state lives in worker processes. Lightning calls
-    :meth:`EpochSampler.set_epoch`; under DDP its ``DistributedSamplerWrapper`` shards these
-    indices across ranks and forwards ``set_epoch``.
+    sampler hands out *global* sample indices that continue from the samples already consumed
+    (``global_step * batch * accumulation * world_size`` during training), so every epoch sees
+    fresh windows, any batch can be recomputed from its indices alone, a run resumed from any
+    checkpoint continues the exact stream, and no state lives in worker processes. Under DDP
+    Lightning's ``DistributedSamplerWrapper`` shards these indices across ranks.
 
 Evaluation (:class:`EvalWindows`)
     A deterministic pass in which every target (token positions ``1 .. n-1``) is scored exactly
@@ -23,7 +23,7 @@ Evaluation (:class:`EvalWindows`)
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -67,17 +67,26 @@ class RandomWindows(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """Yields the global sample indices of the current epoch, in order."""
+    """Yields ``samples_per_epoch`` consecutive global sample indices per pass.
 
-    def __init__(self, samples_per_epoch: int) -> None:
+    Without ``position`` pass ``e`` (``set_epoch``) yields ``e*N ... e*N+N-1``. With ``position``
+    (a callable returning how many samples training has consumed, i.e. ``global_step * batch *
+    accumulation * world_size``) a pass starts right after the consumed ones. The stream of
+    windows then depends on the optimizer step alone, so a run resumed from any checkpoint, even
+    mid-epoch, sees exactly the windows an uninterrupted run would (however the loop counts
+    epochs, and however often it re-creates its iterator).
+    """
+
+    def __init__(self, samples_per_epoch: int, position: Optional[Callable[[], int]] = None) -> None:
         self.samples_per_epoch = samples_per_epoch
+        self.position = position
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        first = self.epoch * self.samples_per_epoch
+        first = self.position() if self.position is not None else self.epoch * self.samples_per_epoch
         return iter(range(first, first + self.samples_per_epoch))
 
     def __len__(self) -> int:
