@@ -67,7 +67,7 @@ class SpeedMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
-        self._tokens += batch[0].numel()
+        self._tokens += batch[0].numel() * trainer.world_size  # every rank trains on its own batch
         if self._steps >= max(1, trainer.log_every_n_steps):
             self._close_window(trainer, pl_module)
 
@@ -94,7 +94,7 @@ class SpeedMonitor(L.Callback):
             tps = self._tokens / seconds
             metrics = {"perf/tokens_per_s": tps, "perf/step_ms": 1000 * seconds / self._steps,
                        "perf/peak_mem_mb": peak_memory_mb(pl_module.device)[0]}
-            mfu = self._mfu(pl_module, tps)
+            mfu = self._mfu(pl_module, tps / trainer.world_size)
             if mfu is not None:
                 metrics["perf/mfu"] = mfu
             if trainer.is_global_zero:
@@ -103,6 +103,7 @@ class SpeedMonitor(L.Callback):
         self._t0, self._steps, self._tokens = now, 0, 0
 
     def _mfu(self, pl_module, tokens_per_s: float) -> Optional[float]:
+        """Model FLOPs utilisation of one device (``tokens_per_s`` per device, ``peak_flops`` per device)."""
         if not self.peak_flops:
             return None
         seq_len = pl_module.model.config.block_size

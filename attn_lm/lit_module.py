@@ -69,13 +69,14 @@ class LitGPT(L.LightningModule):
     def _eval_epoch_end(self, split: str, metric: MeanMetric) -> None:
         loss = metric.compute()
         metric.reset()
-        self.log(f"{split}/loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{split}/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+        # MeanMetric.compute() already reduced over ranks: every rank holds the same value.
+        self.log(f"{split}/loss", loss, prog_bar=True, rank_zero_only=True)
+        self.log(f"{split}/ppl", torch.exp(loss), prog_bar=True, rank_zero_only=True)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "extra_metrics"):
             data_split = {"val": "validation"}.get(split, split)
             for name, value in dm.extra_metrics(data_split, float(loss)).items():
-                self.log(f"{split}/{name}", float(value), sync_dist=False)
+                self.log(f"{split}/{name}", float(value), rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val", self.val_loss)

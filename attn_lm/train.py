@@ -47,6 +47,13 @@ def check_writable(directory: Path) -> None:
                       "set hydra.run.dir=... to a writable location") from err
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def library_versions() -> dict[str, str]:
     import hydra as hydra_pkg
     import lightning
@@ -138,9 +145,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(checkpoint.last_model_path or ""),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"[attn_lm] val loss {results['val_loss']:.4f} | val ppl {results['val_ppl']:.2f} | "
-          f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s | results: {out / 'results.json'}")
+    if trainer.is_global_zero:  # one results.json per run, however many ranks
+        write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+        print(f"[attn_lm] val loss {results['val_loss']:.4f} | val ppl {results['val_ppl']:.2f} | "
+              f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s | results: {out / 'results.json'}")
     return results
 
 
