@@ -119,3 +119,38 @@ class SpeedMonitor(L.Callback):
             return {}
         return {"tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / steps,
                 "measured_steps": steps, "train_seconds": self.train_seconds}
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stops training at the first non-finite loss (``on_nonfinite=stop``).
+
+    The module books non-finite losses on the device; this callback reads the flag every
+    ``log_every_n_steps`` steps and before every validation (so before any checkpoint is written:
+    the last checkpoint on disk predates the bad step) and at the end of training. The flag is
+    reduced over ranks so all of them stop together.
+    """
+
+    def _check(self, trainer, pl_module) -> None:
+        if pl_module.on_nonfinite != "stop":
+            return
+        never = torch.iinfo(torch.int64).max
+        first = pl_module.nonfinite_first_step
+        first = trainer.strategy.reduce(torch.where(first < 0, torch.full_like(first, never), first), reduce_op="min")
+        if int(first) != never:
+            raise FloatingPointError(
+                f"non-finite training loss at step {int(first)}: training stopped; checkpoints written before that "
+                f"step are kept (last: {getattr(trainer.checkpoint_callback, 'last_model_path', '') or 'none yet'}). "
+                "Lower optim.lr, lengthen optim.warmup_steps or lower trainer.gradient_clip_val, or set "
+                "on_nonfinite=skip to zero the gradients of such steps instead"
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._check(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check(trainer, pl_module)

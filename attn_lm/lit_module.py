@@ -27,11 +27,15 @@ class LitGPT(L.LightningModule):
     word perplexity) when it provides them.
     """
 
-    def __init__(self, model_config: GPTConfig | dict, optim: dict[str, Any], compile: bool = False):
+    def __init__(self, model_config: GPTConfig | dict, optim: dict[str, Any], compile: bool = False,
+                 on_nonfinite: str = "stop"):
         super().__init__()
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={on_nonfinite!r}; valid: 'stop', 'skip'")
         if not isinstance(model_config, GPTConfig):  # restored from a checkpoint's hyperparameters
             model_config = gpt_config_from_dict(model_config)
-        self.save_hyperparameters({"model_config": asdict(model_config), "optim": dict(optim), "compile": compile})
+        self.save_hyperparameters({"model_config": asdict(model_config), "optim": dict(optim), "compile": compile,
+                                   "on_nonfinite": on_nonfinite})
         self.model_config = model_config
         self.optim = dict(optim)
         self.model = GPT(model_config)
@@ -39,6 +43,12 @@ class LitGPT(L.LightningModule):
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         object.__setattr__(self, "_compiled", None)
+        # Non-finite losses are booked on the device (no host sync per step): the first step that
+        # had one and how many there were. NonFiniteLossGuard reads them at intervals.
+        self.on_nonfinite = on_nonfinite
+        self.register_buffer("nonfinite_first_step", torch.tensor(-1), persistent=False)
+        self.register_buffer("nonfinite_count", torch.tensor(0), persistent=False)
+        self._step_finite: Optional[torch.Tensor] = None
 
     def configure_model(self) -> None:
         if self.compile and self._compiled is None:
@@ -52,8 +62,26 @@ class LitGPT(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self(x, y)
+        self._book_nonfinite(torch.isfinite(loss.detach()))
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _book_nonfinite(self, finite: torch.Tensor) -> None:
+        first = self.nonfinite_first_step
+        step = torch.full_like(first, self.global_step)
+        first.copy_(torch.where(~finite & (first < 0), step, first))
+        self.nonfinite_count.add_((~finite).long())
+        self._step_finite = finite
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """``on_nonfinite=skip``: zero the gradients of a step whose loss was not finite (on the
+        device, no sync). AdamW still applies its momentum and weight decay for that step."""
+        if self.on_nonfinite == "skip" and self._step_finite is not None:
+            bad = ~self._step_finite
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        param.grad.masked_fill_(bad, 0.0)
 
     def _eval_step(self, batch, metric: MeanMetric) -> None:
         x, y = batch

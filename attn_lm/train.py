@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import SpeedMonitor
+from .callbacks import NonFiniteLossGuard, SpeedMonitor
 from .configure import CONF_DIR, gpt_config
 from .lit_module import LitGPT
 from .sweep import budget_summary, completed_results
@@ -103,12 +103,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if int(cfg.data.block_size) > model_config.block_size:
         raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
                          f"{model_config.block_size}, the longest context the model supports")
-    module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg))
+    module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
+                    on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", monitor="val/loss",
                                  mode="min", save_last=True, auto_insert_metric_name=False)
     loggers = build_loggers(cfg, out)
-    callbacks = [checkpoint, speed] + ([LearningRateMonitor("step")] if loggers else [])
+    callbacks = [checkpoint, speed, NonFiniteLossGuard()] + ([LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
@@ -127,6 +128,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "params": module.model.num_parameters(),
         "steps": trainer.global_step,
         "budget": budget_summary(cfg),
+        "nonfinite_steps": int(module.nonfinite_count),
         "tokens_seen": trainer.global_step * int(cfg.data.batch_size) * int(cfg.data.block_size)
         * int(cfg.trainer.get("accumulate_grad_batches") or 1),
         "val_loss": _metric(val, "val/loss"),

@@ -168,3 +168,41 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, smoke_overr
     whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
     assert len(whole) == 8 and len(split) == 8
     assert split == whole
+
+
+def _poison_loss_at(monkeypatch, step: int):
+    """Make the training loss NaN at one optimizer step."""
+    from attn_lm.lit_module import LitGPT
+
+    original = LitGPT.forward
+
+    def forward(self, idx, targets=None):
+        out = original(self, idx, targets)
+        if targets is not None and self.training and self.global_step == step:
+            logits, loss = out
+            return logits, loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LitGPT, "forward", forward)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smoke_overrides, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _poison_loss_at(monkeypatch, 3)
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 3"):
+        train(compose_cfg([*smoke_overrides, "trainer.max_steps=8", "trainer.val_check_interval=2",
+                           "trainer.log_every_n_steps=2"]))
+    import torch
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_nonfinite_loss_skip_zeroes_that_steps_gradients(tmp_path, smoke_overrides, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _poison_loss_at(monkeypatch, 3)
+    results = train(compose_cfg([*smoke_overrides, "on_nonfinite=skip", "trainer.max_steps=6"]))
+    assert results["status"] == "complete" and results["nonfinite_steps"] == 1
+    assert math.isfinite(results["val_loss"])
