@@ -106,10 +106,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
+    every = cfg.get("checkpoint_every_n_steps")
+    # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="step{step}", monitor="val/loss",
-                                 mode="min", save_last=True, auto_insert_metric_name=False)
+                                 mode="min", save_last=not every, auto_insert_metric_name=False)
+    periodic = [ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
+                                every_n_train_steps=int(every))] if every else []
     loggers = build_loggers(cfg, out)
-    callbacks = [checkpoint, speed, NonFiniteLossGuard()] + ([LearningRateMonitor("step")] if loggers else [])
+    callbacks = [checkpoint, *periodic, speed, NonFiniteLossGuard()] + ([LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
@@ -144,7 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(trainer.precision),
         "versions": library_versions(),
         "dataset": datamodule.fingerprint,
-        "checkpoint": str(checkpoint.last_model_path or ""),
+        "checkpoint": str((periodic[0] if periodic else checkpoint).last_model_path or ""),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:  # one results.json per run, however many ranks

@@ -206,3 +206,41 @@ def test_nonfinite_loss_skip_zeroes_that_steps_gradients(tmp_path, smoke_overrid
     results = train(compose_cfg([*smoke_overrides, "on_nonfinite=skip", "trainer.max_steps=6"]))
     assert results["status"] == "complete" and results["nonfinite_steps"] == 1
     assert math.isfinite(results["val_loss"])
+
+
+def _losses_by_step(metrics_csv: Path) -> dict[int, float]:
+    with open(metrics_csv) as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, smoke_overrides):
+    """Kill a training process with SIGKILL mid-run, resume with ckpt_path=last: the losses of
+    every step equal those of an uninterrupted run (CPU, deterministic)."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    args = [*smoke_overrides, "trainer.max_steps=14", "trainer.val_check_interval=100", "trainer.log_every_n_steps=1",
+            "trainer.deterministic=true", "checkpoint_every_n_steps=2", "test_after_training=false"]
+    run_cli([*args, f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "attn_lm.train", *args, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "no checkpoint was written before the kill"
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+
+    resumed_from = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    run_cli([*args, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    whole = _losses_by_step(tmp_path / "whole" / "csv" / "version_0" / "metrics.csv")
+    resumed = _losses_by_step(sorted(killed.glob("csv/version_*/metrics.csv"))[-1])  # the resumed run's log
+    assert sorted(whole) == list(range(14)) and sorted(resumed) == list(range(resumed_from, 14))
+    assert resumed == {step: whole[step] for step in resumed}
