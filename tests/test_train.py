@@ -94,7 +94,7 @@ def test_multirun_sweeps_overrides(tmp_path, smoke_overrides):
     ("model.n_heads=3", "n_heads=3 does not divide d_model=32"),
     ("data.block_size=64 model.block_size=32", "data.block_size=64 is larger than model.block_size=32"),
     ("+attention.window_size=8", "option window_size=8 does not apply to attention_type 'full'"),
-    ("model.layer_attention=[full]", "model.layer_attention has 1 entries but model.n_layer=2"),
+    ("model.layer_attention=[full]", "model.layer_attention has 1 entries but model.n_layer=4"),
 ])
 def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, smoke_overrides, monkeypatch, override, match):
     monkeypatch.chdir(tmp_path)
