@@ -222,6 +222,17 @@ def _next_line_start(text: str, pos: int) -> int:
     return newline + 1 if newline != -1 else pos
 
 
+def _corpus_with_holdout(source: str, texts: dict[str, str], files: dict[str, list[str]], details: dict[str, Any],
+                         missing: Sequence[str], holdout_fraction: float) -> Corpus:
+    """The corpus of ``source``, with the ``missing`` evaluation splits carved from train."""
+    if missing:
+        texts.update(carve_holdout(texts["train"], missing, holdout_fraction))
+        files.update({role: files["train"] for role in missing})
+        details.update(carved_from_train=list(missing), holdout_fraction=holdout_fraction)
+    _require_text(source, texts)
+    return Corpus(source, texts, files, details)
+
+
 def _require_text(source: str, texts: Mapping[str, str]) -> None:
     for split in SPLITS:
         if not texts[split]:
@@ -283,13 +294,7 @@ def load_text_files(
         texts[role], used = read_files(paths, role, max_chars)
         files[role] = [str(p) for p in used]
     missing = [role for role in SPLITS if role not in texts]
-    details: dict[str, Any] = {"max_chars": max_chars}
-    if missing:
-        texts.update(carve_holdout(texts["train"], missing, holdout_fraction))
-        files.update({role: files["train"] for role in missing})
-        details.update(carved_from_train=missing, holdout_fraction=holdout_fraction)
-    _require_text("text_files", texts)
-    return Corpus("text_files", texts, files, details)
+    return _corpus_with_holdout("text_files", texts, files, {"max_chars": max_chars}, missing, holdout_fraction)
 
 
 def load_hub(
@@ -333,12 +338,7 @@ def load_hub(
         "max_chars": max_chars,
     }
     missing = [role for role, split in chosen.items() if split is None]
-    if missing:
-        texts.update(carve_holdout(texts["train"], missing, holdout_fraction))
-        files.update({role: files["train"] for role in missing})
-        details.update(carved_from_train=missing, holdout_fraction=holdout_fraction)
-    _require_text("hub", texts)
-    return Corpus("hub", texts, files, details)
+    return _corpus_with_holdout("hub", texts, files, details, missing, holdout_fraction)
 
 
 def _load_hub_dataset(path: str, name: Optional[str], data_files: Any, revision: Optional[str], streaming: bool) -> Any:
