@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import NonFiniteLossGuard, SpeedMonitor
+from .callbacks import KernelWarmup, NonFiniteLossGuard, SpeedMonitor
 from .configure import CONF_DIR, gpt_config
 from .lit_module import LitGPT
 from .sweep import budget_summary, completed_results
@@ -45,6 +46,20 @@ def check_writable(directory: Path) -> None:
     except OSError as err:
         raise OSError(f"output directory {directory} is not writable ({err.strerror}); "
                       "set hydra.run.dir=... to a writable location") from err
+
+
+def check_free_space(directory: Path, params: int, copies: int) -> None:
+    """Fail at start when the disk cannot hold the run's checkpoints.
+
+    A checkpoint holds the fp32 weights and AdamW's two fp32 moments (12 bytes per parameter);
+    ``copies`` of them are on disk at once, and one more while a new one is being written
+    (Lightning writes to a temporary file, then renames). 64 MiB of headroom for logs."""
+    need = 12 * params * (copies + 1) + (64 << 20)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(f"only {free / 2**20:,.0f} MiB free under {directory}, and this run's checkpoints need about "
+                      f"{need / 2**20:,.0f} MiB ({params:,} parameters x 12 bytes x {copies + 1} files + logs); "
+                      "free some space or set hydra.run.dir=... to a larger disk")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -81,6 +96,13 @@ def use_compile(cfg: DictConfig) -> bool:
     return bool(cfg.compile)
 
 
+def use_kernel_warmup(cfg: DictConfig) -> bool:
+    """``kernel_warmup: auto`` warms up (compiles) before training when a wall-clock budget is set."""
+    if str(cfg.get("kernel_warmup", "auto")) == "auto":
+        return bool(cfg.trainer.get("max_time"))
+    return bool(cfg.kernel_warmup)
+
+
 def _metric(metrics: dict, key: str) -> Optional[float]:
     value = metrics.get(key)
     return None if value is None else float(value)
@@ -105,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          f"{model_config.block_size}, the longest context the model supports")
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+    check_free_space(out, module.model.num_parameters(), copies=2)  # best + last
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     every = cfg.get("checkpoint_every_n_steps")
     # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.
@@ -113,7 +136,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     periodic = [ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=0, save_last=True,
                                 every_n_train_steps=int(every))] if every else []
     loggers = build_loggers(cfg, out)
-    callbacks = [checkpoint, *periodic, speed, NonFiniteLossGuard()] + ([LearningRateMonitor("step")] if loggers else [])
+    warmup = [KernelWarmup(datamodule.vocab_size, (datamodule.batch_size, datamodule.block_size),
+                           (datamodule.eval_batch_size, datamodule.block_size))] if use_kernel_warmup(cfg) else []
+    callbacks = [*warmup, checkpoint, *periodic, speed, NonFiniteLossGuard()] + (
+        [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
@@ -131,10 +157,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "attention": module.model.layer_types,
         "params": module.model.num_parameters(),
         "steps": trainer.global_step,
-        "budget": budget_summary(cfg),
+        "budget": budget_summary(cfg, trainer.world_size),
+        "processes": trainer.world_size,
         "nonfinite_steps": int(module.nonfinite_count),
         "tokens_seen": trainer.global_step * int(cfg.data.batch_size) * int(cfg.data.block_size)
-        * int(cfg.trainer.get("accumulate_grad_batches") or 1),
+        * int(cfg.trainer.get("accumulate_grad_batches") or 1) * trainer.world_size,
         "val_loss": _metric(val, "val/loss"),
         "val_ppl": _metric(val, "val/ppl"),
         "best_val_loss": None if best is None else float(best),
@@ -144,6 +171,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "wall_time_s": wall,
+        "warmup_s": warmup[0].seconds if warmup else 0.0,
         "device": speed.device_name,
         "precision": str(trainer.precision),
         "versions": library_versions(),

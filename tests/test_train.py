@@ -149,6 +149,36 @@ def test_wall_clock_budget_runs_a_time_based_schedule(tmp_path, smoke_overrides,
                                  "trainer.val_check_interval=5", "trainer.log_every_n_steps=1"]))
     assert results["status"] == "complete" and results["steps"] > 0
     assert results["wall_time_s"] < 60 and results["device"].startswith("cpu")
+    assert results["warmup_s"] > 0  # kernel_warmup=auto warms up before a wall-clock budget
+
+
+def test_full_disk_fails_at_start(tmp_path, smoke_overrides, monkeypatch):
+    """Too little free space for the checkpoints: a clear error before any training step."""
+    import shutil as shutil_module
+
+    from attn_lm import train as train_module
+
+    monkeypatch.chdir(tmp_path)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    with pytest.raises(OSError, match="MiB free under .*checkpoints need about"):
+        train(compose_cfg(smoke_overrides))
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))
+
+
+def test_kernel_warmup_leaves_the_run_unchanged(tmp_path, smoke_overrides, monkeypatch):
+    """The warm-up step forks the RNGs and drops its gradients: with dropout, the training losses
+    are the same with and without it."""
+    common = [*smoke_overrides, "trainer.deterministic=true", "trainer.log_every_n_steps=1", "model.dropout=0.2",
+              "test_after_training=false", "trainer.max_steps=5"]
+    losses = {}
+    for flag in ("true", "false"):
+        (tmp_path / flag).mkdir()
+        monkeypatch.chdir(tmp_path / flag)
+        results = train(compose_cfg([*common, f"kernel_warmup={flag}"]))
+        assert (results["warmup_s"] > 0) == (flag == "true")
+        losses[flag] = train_losses(Path(results["run_dir"]))
+    assert len(losses["true"]) == 5 and losses["true"] == losses["false"]
 
 
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, smoke_overrides, monkeypatch):
