@@ -32,7 +32,7 @@ import statistics
 from dataclasses import dataclass, field
 from itertools import groupby, product
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -261,12 +261,14 @@ def quality_metric(groups: Sequence[Group]) -> Metric:
 
 
 def mark_pareto(groups: Sequence[Group]) -> None:
-    """Flag the groups no other group beats on both perplexity (lower) and tokens/s (higher)."""
+    """Flag the groups that no other group *of the same sequence length* beats on both perplexity
+    (lower) and tokens/s (higher): runs at different lengths are not comparable on either axis."""
     quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
     points = [(g, g.mean(quality), g.mean(speed)) for g in groups]
     points = [(g, q, s) for g, q, s in points if q is not None and s is not None]
     for g, q, s in points:
-        g.pareto = not any(q2 <= q and s2 >= s and (q2 < q or s2 > s) for _, q2, s2 in points)
+        g.pareto = not any(q2 <= q and s2 >= s and (q2 < q or s2 > s)
+                           for g2, q2, s2 in points if g2.block_size == g.block_size)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -282,6 +284,12 @@ def _present(groups: Sequence[Group]) -> list[Metric]:
     return [m for m in METRICS if any(g.values(m) for g in groups)]
 
 
+def run_budget(results: Mapping[str, Any]) -> str:
+    """The budget of a run in words, from its config and the process count it recorded (older
+    runs: the count its ``trainer.devices``/``num_nodes`` give)."""
+    return budget_summary(results["config"], results.get("processes"))["text"]
+
+
 def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     rows = []
     for g in groups:
@@ -290,7 +298,7 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
         for m in METRICS:
             row[f"{m.key}_mean"], row[f"{m.key}_std"] = g.mean(m), g.std(m)
         row["peak_memory_kind"] = g.first("peak_memory_kind")
-        row["budget"] = budget_summary(g.runs[0].results["config"])["text"]
+        row["budget"] = run_budget(g.runs[0].results)
         row["device"] = g.first("device")
         rows.append(row)
     return rows
@@ -303,7 +311,7 @@ def run_rows(runs: Sequence[Run], failed: Sequence[FailedRun]) -> list[dict[str,
                      "block_size": r.block_size, "seed": r.seed, "params": r.results.get("params"),
                      "steps": r.results.get("steps"), "tokens_seen": r.results.get("tokens_seen"),
                      **{m.key: r.value(m) for m in METRICS},
-                     "budget": budget_summary(r.results["config"])["text"], "reason": ""})
+                     "budget": run_budget(r.results), "reason": ""})
     for f in failed:
         rows.append({"status": "failed" if f.path else "missing", "run_dir": str(f.path or ""),
                      "mechanism": " ".join(f.overrides), "reason": f.reason})
@@ -324,7 +332,7 @@ def markdown_table(groups: Sequence[Group]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         cells = [g.label, str(g.block_size), str(len(g.runs)), f"{g.first('params'):,}",
-                 *[_cell(g, m) for m in metrics], budget_summary(g.runs[0].results["config"])["text"],
+                 *[_cell(g, m) for m in metrics], run_budget(g.runs[0].results),
                  "✓" if g.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -342,7 +350,7 @@ def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots:
                   f"{', '.join(kinds)}" + (" (the process high-water mark: jobs that shared a process, as with "
                                            "Hydra's basic launcher, inherit earlier peaks; hydra/launcher=joblib "
                                            "gives each run its own process)" if "cpu_max_rss" in kinds else "")
-                  + ". Pareto: no other row has both lower perplexity and higher tokens/s.", ""]
+                  + ". Pareto: no other row of the same T has both lower perplexity and higher tokens/s.", ""]
     else:
         lines += ["No complete runs found.", ""]
     if failed:
@@ -398,50 +406,59 @@ def _pyplot():
 
 
 def plot_pareto(groups: Sequence[Group], path: Path) -> None:
+    """Perplexity against tokens/s, one panel per sequence length, the Pareto front dashed."""
     plt = _pyplot()
     quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
     points = [(g, g.mean(speed), g.mean(quality)) for g in groups if g.mean(speed) and g.mean(quality)]
-    several_lengths = len({g.block_size for g in groups}) > 1
-    for g, x, y in points:
-        ax.errorbar(x, y, xerr=g.std(speed) or 0, yerr=g.std(quality) or 0, fmt="*" if g.pareto else "o",
-                    markersize=12 if g.pareto else 7, capsize=3)
-        label = f"{g.label} (T={g.block_size})" if several_lengths else g.label
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    front = sorted((x, y) for g, x, y in points if g.pareto)
-    if front:
-        ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--",
-                label="Pareto front")
-        ax.legend()
-    ax.set_xlabel("training tokens/s (higher is better)")
-    ax.set_ylabel(f"{quality.header} (lower is better)")
-    ax.set_title(f"{quality.header} vs throughput (★ = Pareto front)")
-    ax.grid(alpha=0.3)
+    lengths = sorted({g.block_size for g, _, _ in points}) or [0]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(9 * len(lengths), 5.5), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        panel = [(g, x, y) for g, x, y in points if g.block_size == length]
+        for g, x, y in panel:
+            ax.errorbar(x, y, xerr=g.std(speed) or 0, yerr=g.std(quality) or 0, fmt="*" if g.pareto else "o",
+                        markersize=12 if g.pareto else 7, capsize=3)
+            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        front = sorted((x, y) for g, x, y in panel if g.pareto)
+        if front:
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--",
+                    label="Pareto front")
+            ax.legend()
+        ax.set_xlabel("training tokens/s (higher is better)")
+        ax.set_ylabel(f"{quality.header} (lower is better)")
+        ax.set_title(f"T={length}: {quality.header} vs throughput (★ = Pareto front)")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def plot_validation(groups: Sequence[Group], path: Path) -> None:
+    """Validation loss over steps and over training time, one row per sequence length; a
+    mechanism keeps its colour in every row, seeds share it."""
     plt = _pyplot()
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, g in enumerate(groups):
-        for j, run in enumerate(g.runs):
-            curve = validation_curve(run.path)
-            if curve is None:
-                continue
-            steps, seconds, loss = curve
-            label = f"{g.label} (T={g.block_size})" if j == 0 else None
-            style = {"color": colors[i % len(colors)], "marker": ".", "alpha": 0.8}
-            by_step.plot(steps, loss, label=label, **style)
-            by_time.plot(seconds, loss, **style)
-    by_step.set_xlabel("step")
-    by_time.set_xlabel("training time (s, evaluation excluded)")
-    for ax in (by_step, by_time):
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
+    lengths = sorted({g.block_size for g in groups}) or [0]
+    labels = sorted({g.label for g in groups})
+    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    color = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(len(lengths), 2, figsize=(13, 4.2 * len(lengths)), squeeze=False)
+    for (by_step, by_time), length in zip(axes, lengths):
+        for g in (g for g in groups if g.block_size == length):
+            for j, run in enumerate(g.runs):
+                curve = validation_curve(run.path)
+                if curve is None:
+                    continue
+                steps, seconds, loss = curve
+                style = {"color": color[g.label], "marker": ".", "alpha": 0.8}
+                by_step.plot(steps, loss, label=g.label if j == 0 else None, **style)
+                by_time.plot(seconds, loss, **style)
+        by_step.set_xlabel("step")
+        by_time.set_xlabel("training time (s, evaluation excluded)")
+        for ax in (by_step, by_time):
+            ax.set_ylabel(f"validation loss (T={length})")
+            ax.grid(alpha=0.3)
+        if by_step.get_legend_handles_labels()[0]:
+            by_time.legend(*by_step.get_legend_handles_labels(), fontsize=8, loc="upper left",
+                           bbox_to_anchor=(1.02, 1.0), ncol=1 + len(labels) // 12)
     fig.suptitle("Validation loss (one line per run; seeds share a colour)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

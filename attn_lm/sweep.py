@@ -5,8 +5,9 @@ budget, one of
 
 * steps — ``budget.steps`` (``trainer.max_steps``);
 * tokens — ``budget.tokens``: converted to ``trainer.max_steps = ceil(tokens / (batch_size *
-  block_size * accumulate_grad_batches))`` by the ``attn_lm.budget_steps`` resolver, so runs at
-  different block or batch sizes see the same number of training tokens;
+  block_size * accumulate_grad_batches * devices * num_nodes))`` by the ``attn_lm.budget_steps``
+  resolver, so runs at different block or batch sizes, or on more GPUs, see the same number of
+  training tokens;
 * wall clock — ``budget.time`` (``trainer.max_time``, ``"DD:HH:MM:SS"``); runs stop at whichever
   of the step and time limits comes first.
 
@@ -24,27 +25,50 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 
-def steps_for_tokens(tokens: int, batch_size: int, block_size: int, accumulate: Optional[int] = 1) -> int:
-    """Optimizer steps that consume at least ``tokens`` training tokens."""
-    per_step = int(batch_size) * int(block_size) * int(accumulate or 1)
+def process_count(devices: Any = 1, num_nodes: Any = 1) -> int:
+    """Training processes of a ``lightning.Trainer(devices=..., num_nodes=...)``: devices per node
+    (an int, a list of ids, ``"0,1"``, or ``-1``/``"auto"`` = every visible GPU) times nodes."""
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if "," in devices:
+            devices = [d for d in devices.split(",") if d.strip()]
+        elif devices.lstrip("-").isdigit():
+            devices = int(devices)
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        per_node = len(devices)
+    elif devices in (-1, "auto"):
+        import torch
+
+        per_node = max(1, torch.cuda.device_count())
+    else:
+        per_node = int(devices)
+    if per_node <= 0:
+        raise ValueError(f"trainer.devices={devices!r} gives no device")
+    return per_node * int(num_nodes or 1)
+
+
+def steps_for_tokens(tokens: int, batch_size: int, block_size: int, accumulate: Optional[int] = 1,
+                     processes: int = 1) -> int:
+    """Optimizer steps that consume at least ``tokens`` training tokens over all ``processes``."""
+    per_step = int(batch_size) * int(block_size) * int(accumulate or 1) * int(processes)
     if int(tokens) <= 0 or per_step <= 0:
         raise ValueError(f"budget.tokens={tokens} and tokens per step={per_step} must be positive")
     return math.ceil(int(tokens) / per_step)
 
 
 def _budget_steps(steps: Optional[int], tokens: Optional[int], batch_size: int, block_size: int,
-                  accumulate: Optional[int]) -> int:
-    """Resolver ``${attn_lm.budget_steps:steps,tokens,batch,block,accum}``: the token budget in
-    steps when ``tokens`` is set, else ``steps`` (``-1`` = no step limit, for time budgets)."""
+                  accumulate: Optional[int], devices: Any = 1, num_nodes: Any = 1) -> int:
+    """Resolver ``${attn_lm.budget_steps:steps,tokens,batch,block,accum,devices,nodes}``: the token
+    budget in steps when ``tokens`` is set, else ``steps`` (``-1`` = no step limit, for time budgets)."""
     if tokens is not None:
-        return steps_for_tokens(tokens, batch_size, block_size, accumulate)
+        return steps_for_tokens(tokens, batch_size, block_size, accumulate, process_count(devices, num_nodes))
     return -1 if steps is None else int(steps)
 
 
@@ -53,8 +77,9 @@ OmegaConf.register_new_resolver("attn_lm.budget_steps", _budget_steps, replace=T
 OmegaConf.register_new_resolver("attn_lm.div", lambda a, b: max(1, int(a) // int(b)), replace=True)
 
 
-def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Which budget a run used, from its resolved config (a dict or DictConfig).
+def budget_summary(config: Mapping[str, Any], processes: Optional[int] = None) -> dict[str, Any]:
+    """Which budget a run used, from its resolved config (a dict or DictConfig) and its number of
+    training processes (``None``: read from ``trainer.devices`` and ``trainer.num_nodes``).
 
     ``kind`` is ``"steps"``, ``"tokens"``, ``"time"`` or ``"steps+time"`` / ``"tokens+time"``
     (stop at whichever comes first); ``text`` says it in words for reports.
@@ -62,7 +87,10 @@ def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(config, DictConfig):  # only these nodes (a composed config's hydra node may not resolve)
         config = {k: OmegaConf.to_container(config[k], resolve=True) for k in ("trainer", "data", "budget") if k in config}
     trainer, data = config["trainer"], config["data"]
-    tokens_per_step = int(data["batch_size"]) * int(data["block_size"]) * int(trainer.get("accumulate_grad_batches") or 1)
+    if processes is None:
+        processes = process_count(trainer.get("devices", 1), trainer.get("num_nodes", 1))
+    accumulate = trainer.get("accumulate_grad_batches")
+    tokens_per_step = int(data["batch_size"]) * int(data["block_size"]) * int(accumulate or 1) * processes
     max_steps = trainer.get("max_steps")
     max_steps = None if max_steps is None or int(max_steps) < 0 else int(max_steps)
     max_time = trainer.get("max_time")
@@ -70,7 +98,7 @@ def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:
     limits, words = [], []
     if max_steps is not None:
         if tokens is not None and max_steps == steps_for_tokens(tokens, data["batch_size"], data["block_size"],
-                                                                 trainer.get("accumulate_grad_batches")):
+                                                                 accumulate, processes):
             limits.append("tokens")
             words.append(f"{_si(tokens)} tokens ({max_steps} steps)")
         else:
@@ -85,6 +113,7 @@ def budget_summary(config: Mapping[str, Any]) -> dict[str, Any]:
         "max_time": max_time,
         "tokens": tokens,
         "tokens_per_step": tokens_per_step,
+        "processes": processes,
         "text": " or ".join(words) or "no limit",
     }
 

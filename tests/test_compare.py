@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, load_runs
 from attn_lm.configure import CONF_DIR
-from attn_lm.sweep import budget_summary, steps_for_tokens
+from attn_lm.sweep import budget_summary, process_count, steps_for_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,9 +128,12 @@ def test_report_with_several_sequence_lengths(sweep, tmp_path):
             results = json.loads((target / "results.json").read_text())
             results["config"]["data"]["block_size"] = block_size
             results["peak_memory_mb"] *= block_size / 32
+            results["tokens_per_s"] *= 32 / block_size  # T=64 runs are all slower than T=32 ones
             (target / "results.json").write_text(json.dumps(results))
     report = build_report([runs], tmp_path / "report")
     assert sorted({g.block_size for g in report.groups}) == [32, 64] and len(report.groups) == 4
+    # The Pareto front is per sequence length: the slower T=64 runs still have one.
+    assert {g.block_size for g in report.groups if g.pareto} == {32, 64}
     assert report.files["seq_len.png"].stat().st_size > 5000
 
 
@@ -184,6 +187,19 @@ def test_budget_by_steps_tokens_and_time():
         steps_for_tokens(0, 8, 64)
 
 
+def test_token_budget_counts_every_process():
+    """Under DDP every process trains on its own batch: a token budget gives fewer steps."""
+    ddp = compose_cfg(["experiment=compare_attention", "budget.tokens=100000", "data.batch_size=8",
+                       "data.block_size=64", "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2"])
+    assert ddp.trainer.max_steps == steps_for_tokens(100000, 8, 64, 1, 4) == math.ceil(100000 / 2048)
+    summary = budget_summary(ddp)
+    assert summary["processes"] == 4 and summary["tokens_per_step"] == 2048 and summary["kind"] == "tokens"
+    assert budget_summary(ddp, processes=2)["tokens_per_step"] == 1024
+    assert process_count([0, 1, 2]) == 3 and process_count("0,1") == 2 and process_count("3", 2) == 6
+    with pytest.raises(ValueError, match="no device"):
+        process_count(0)
+
+
 def test_compare_preset_sweep_dir_is_deterministic():
     cfg = compose_cfg(["experiment=compare_attention"])
     assert cfg.hydra.sweep.dir == "multirun/compare_attention"
@@ -230,3 +246,35 @@ def test_optuna_lr_sweeper_preset_composes():
     assert sweeper.study_name == "lr_local"
     fields = {k: v for k, v in OmegaConf.to_container(sweeper).items() if k != "sampler"}
     OmegaConf.merge(OmegaConf.structured(OptunaSweeperConf), fields)  # unknown keys / bad types raise
+
+
+def test_sweep_over_gpus_deals_mechanisms_and_resumes(tmp_path, token_cache):
+    """scripts/sweep_gpus.py: one process per (here pretend) GPU, each with its share of the
+    mechanisms and its own CUDA_VISIBLE_DEVICES, one shared sweep directory; re-running it skips
+    the finished runs."""
+    root = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep_gpus.py"), "--gpus", "0,1", "--",
+           "experiment=compare_attention", "debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000",
+           "trainer.enable_progress_bar=false", "trainer=cpu", f"hydra.sweep.dir={root}", "attention=full,local,gqa"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "[gpu 0] attention=full,gqa" in first.stdout and "[gpu 1] attention=local" in first.stdout
+    runs = {p.parent.name.split(",")[0]: json.loads(p.read_text()) for p in root.glob("*/results.json")}
+    assert set(runs) == {"attention=full", "attention=local", "attention=gqa"}
+    assert all(r["status"] == "complete" for r in runs.values())
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skipping") == 3, again.stdout[-3000:]
+
+
+def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
+    from attn_lm.launch import deal, split_values
+
+    assert deal(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
+    assert deal(["a"], 4) == [["a"]]
+    values, rest = split_values(["experiment=compare_all", "seed=1,2"], "attention")
+    assert values == AttentionFactory.names() and rest == ["experiment=compare_all", "seed=1,2"]
+    assert split_values(["seed=1,2", "x=y"], "seed") == (["1", "2"], ["x=y"])
+    with pytest.raises(ValueError, match="no 'seed="):
+        split_values(["x=y"], "seed")
+    with pytest.raises(ValueError, match="twice"):
+        split_values(["seed=1", "seed=2"], "seed")
