@@ -12,10 +12,13 @@ Typical use (what Hydra does with ``conf/data/<preset>.yaml``)::
 
 Modules: :mod:`~attn_lm.data.sources` (text of each split), :mod:`~attn_lm.data.tokenizers`,
 :mod:`~attn_lm.data.cache` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
-(training and evaluation windows) and :mod:`~attn_lm.data.datamodule`.
+(training and evaluation windows) and :mod:`~attn_lm.data.datamodule`; :mod:`~attn_lm.data.sharded`
+tokenizes ``hub`` datasets bigger than memory into shard memmaps (``sharded=True``).
 """
 
+from .cache import ShardedTokenArray, TokenArray
 from .datamodule import LMDataModule
+from .sharded import ShardingOptions, open_or_build_sharded
 from .sources import SOURCES, Corpus, load_corpus
 from .tokenizers import TOKENIZERS, Tokenizer, build_tokenizer, load_tokenizer
 from .windows import IGNORE_INDEX
@@ -26,8 +29,12 @@ __all__ = [
     "TOKENIZERS",
     "Corpus",
     "LMDataModule",
+    "ShardedTokenArray",
+    "ShardingOptions",
+    "TokenArray",
     "Tokenizer",
     "build_tokenizer",
     "load_corpus",
     "load_tokenizer",
+    "open_or_build_sharded",
 ]

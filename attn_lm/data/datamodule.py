@@ -5,6 +5,8 @@ Pipeline, run by :meth:`LMDataModule.prepare_data` / :meth:`LMDataModule.setup`:
     load_corpus(source, ...)  ->  Corpus (text of train / validation / test + fingerprint)
     open_or_build(corpus, tokenizer, vocab_size, cache_dir)
                               ->  TokenCache (tokenizer + memory-mapped ids; built once)
+    (hub with sharded=true: open_or_build_sharded(...) instead; no split is ever joined in
+     RAM, the ids live in shard files read through ShardedTokenArray, see attn_lm.data.sharded)
     RandomWindows / EvalWindows ->  DataLoaders of (x, y) int64 [B, T] batches
 
 Hydra instantiates it from ``conf/data/<preset>.yaml`` (``_target_: attn_lm.data.LMDataModule``);
@@ -36,7 +38,8 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from .cache import TokenArray, TokenCache, open_or_build
+from .cache import ShardedTokenArray, TokenArray, TokenCache, open_or_build
+from .sharded import check_sharding, open_or_build_sharded
 from .sources import SPLITS, PathSpec, check_source_options, load_corpus
 from .tokenizers import Tokenizer, check_tokenizer_options
 from .windows import EpochSampler, EvalWindows, RandomWindows
@@ -78,6 +81,14 @@ class LMDataModule(L.LightningDataModule):
         max_chars: cap on characters per split (``stdlib``, ``text_files``, ``hub``).
         path, name, data_files, revision, text_field, streaming: ``hub`` only, passed to
             ``datasets.load_dataset``; ``text_field`` (default ``"text"``) is the text column.
+
+    Large corpora (``hub`` only; see :mod:`attn_lm.data.sharded`):
+        sharded: ``True`` tokenizes the dataset straight into shard memmaps (``Dataset.map`` with
+            ``num_proc`` processes, or batch by batch for ``streaming=True``) and never holds a
+            split in RAM; ``None``/``False`` = the in-memory path.
+        num_proc: tokenizing processes (default 1); non-streaming, also shard files per split.
+        shard_tokens: ``streaming=True`` only: roll-over size of shard files (default 100 M tokens).
+        tokenizer_sample_chars: characters of train the tokenizer is trained on (default 10 M).
     """
 
     def __init__(
@@ -107,6 +118,10 @@ class LMDataModule(L.LightningDataModule):
         revision: Optional[str] = None,
         text_field: Optional[str] = None,
         streaming: Optional[bool] = None,
+        sharded: Optional[bool] = None,
+        num_proc: Optional[int] = None,
+        shard_tokens: Optional[int] = None,
+        tokenizer_sample_chars: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -126,6 +141,7 @@ class LMDataModule(L.LightningDataModule):
             "streaming": streaming,
         }
         self.source_options = check_source_options(source, {k: _plain(v) for k, v in source_options.items()})
+        self.sharding = check_sharding(source, sharded, num_proc, shard_tokens, tokenizer_sample_chars, streaming)
         for key, value in (
             ("block_size", block_size),
             ("batch_size", batch_size),
@@ -280,7 +296,11 @@ class LMDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------------------
 
     def _open_cache(self) -> TokenCache:
-        if self._cache is None:
+        if self._cache is None and self.sharding is not None:
+            self._cache, self._corpus_fingerprint = open_or_build_sharded(
+                self.tokenizer_kind, self.requested_vocab_size, self.cache_dir, self.sharding, **self.source_options
+            )
+        elif self._cache is None:
             corpus = load_corpus(self.source, cache_dir=self.cache_dir, download=self.download, **self.source_options)
             self._cache = open_or_build(corpus, self.tokenizer_kind, self.requested_vocab_size, self.cache_dir)
             self._corpus_fingerprint = corpus.fingerprint()
@@ -296,7 +316,7 @@ class LMDataModule(L.LightningDataModule):
             raise RuntimeError(f"LMDataModule: call setup() before asking for the {split} dataloader")
         return self._datasets[split]
 
-    def _check_length(self, split: str, tokens: TokenArray) -> None:
+    def _check_length(self, split: str, tokens: Union[TokenArray, ShardedTokenArray]) -> None:
         needed = self.block_size + 1
         if len(tokens) >= needed:
             return

@@ -20,7 +20,8 @@ Sources (the names accepted by :func:`load_corpus`):
 ``hub``
     Anything ``datasets.load_dataset`` reads: a Hub dataset (``path="wikitext"``) or local files
     through a packaged builder (``path="parquet"``/``"json"``/``"text"`` with ``data_files``).
-    Rows of ``text_field`` are joined, one row per line.
+    Rows of ``text_field`` are joined, one row per line. (With the data module's ``sharded=True``
+    they are never joined: :mod:`attn_lm.data.sharded` tokenizes them batch by batch into shards.)
 ``tinyshakespeare``
     Karpathy's 1.1 MB Shakespeare file, split like nanoGPT: first 90% of the characters train,
     last 10% validation. It has no test split, so ``test`` is the validation text (say so when
@@ -360,16 +361,29 @@ def _pick_split(
 
 
 def _hub_rows(dataset: Any, text_field: str, path: str) -> Iterator[str]:
+    """The rows of ``text_field`` in order, each as a line (see :func:`hub_row_pieces`)."""
+    check_text_column(dataset, text_field, path)
+    for batch in dataset.iter(batch_size=1024):
+        yield from hub_row_pieces(batch[text_field], text_field, path)
+
+
+def check_text_column(dataset: Any, text_field: str, path: str) -> None:
+    """``ValueError`` naming the columns when ``dataset`` (whose columns are known) lacks ``text_field``."""
     columns = dataset.column_names
     if columns is not None and text_field not in columns:
         raise ValueError(f"hub dataset {path!r} has no column text_field={text_field!r}; columns: {columns}")
-    for batch in dataset.iter(batch_size=1024):
-        for value in batch[text_field]:
-            if not isinstance(value, str):
-                raise ValueError(
-                    f"hub dataset {path!r}: column {text_field!r} holds {type(value).__name__} values, not text"
-                )
-            yield _as_lines(value)
+
+
+def hub_row_pieces(values: Iterable[Any], text_field: str, path: str) -> Iterator[str]:
+    """How hub rows become text: each value of ``text_field`` is one line (a newline is added
+    unless it ends with one); a value that is not a string is a ``ValueError``. Both the
+    in-memory and the sharded (:mod:`attn_lm.data.sharded`) paths use it, so they see the same text."""
+    for value in values:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"hub dataset {path!r}: column {text_field!r} holds {type(value).__name__} values, not text"
+            )
+        yield _as_lines(value)
 
 
 def _hub_files(path: str, name: Optional[str], data_files: Any, split: str) -> list[str]:
