@@ -39,6 +39,11 @@ class LitGPT(L.LightningModule):
         self.model_config = model_config
         self.optim = dict(optim)
         self.model = GPT(model_config)
+        # Matrices (linear and embedding weights) decay; biases and norm gains do not. Decided on
+        # the unwrapped model by name: under FSDP the parameters are flat shards by the time
+        # configure_optimizers runs, and their shapes no longer tell.
+        object.__setattr__(self, "_decay_names", frozenset(
+            name for name, param in self.model.named_parameters() if param.dim() >= 2))
         self.compile = compile
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -116,10 +121,8 @@ class LitGPT(L.LightningModule):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            # Matrices (linear and embedding weights) decay; biases and norm gains do not.
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            if param.requires_grad:
+                (decay if unwrapped_name(name) in self._decay_names else no_decay).append(param)
         o = self.optim
         fused = o.get("fused", "auto")
         if fused == "auto":
@@ -143,8 +146,15 @@ class LitGPT(L.LightningModule):
 
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip here when AdamW is fused: Lightning refuses to clip for optimizers that may unscale
+        """Clip by the global norm under FSDP (each rank holds a shard of the gradients, so
+        ``torch.nn.utils.clip_grad_norm_`` would clip by a local norm; Lightning refuses norm
+        clipping there): the root FSDP module's ``clip_grad_norm_`` reduces over ranks. Clip here
+        too when AdamW is fused: Lightning refuses to clip for optimizers that may unscale
         gradients themselves, but without fp16 loss scaling the gradients are already unscaled."""
+        root = self.trainer.strategy.model
+        if gradient_clip_val is not None and gradient_clip_algorithm != "value" and is_fsdp(root):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
         if not getattr(self, "_fused", False) or gradient_clip_val is None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -152,6 +162,24 @@ class LitGPT(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
+
+#: Path segments that FSDP and activation-checkpointing wrappers insert into parameter names.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as in the unwrapped model (wrapper segments removed)."""
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_fsdp(module: Any) -> bool:
+    """Whether ``module`` is a (root) FSDP1 module."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: Optional[int], min_ratio: float, timer: Optional[Timer] = None):

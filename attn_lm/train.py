@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import KernelWarmup, NonFiniteLossGuard, SpeedMonitor
 from .configure import CONF_DIR, gpt_config
-from .lit_module import LitGPT
+from .lit_module import LitGPT, is_fsdp
 from .sweep import budget_summary, completed_results
 
 
@@ -108,6 +108,29 @@ def _metric(metrics: dict, key: str) -> Optional[float]:
     return None if value is None else float(value)
 
 
+def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, datamodule: Any,
+                       out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Validation (and, with ``test_after_training``, test) metrics of the trained weights.
+
+    Under FSDP the trained module cannot be evaluated again (its root parameters stay flattened
+    after ``fit``): the weights are saved to ``checkpoints/final.ckpt`` and each evaluation runs
+    on a fresh module, wrapped anew by a fresh trainer, that loads them."""
+    stages = ["validate"] + (["test"] if cfg.get("test_after_training") else [])
+    if not is_fsdp(trainer.strategy.model):
+        results = [getattr(trainer, stage)(module, datamodule=datamodule, verbose=False)[0] for stage in stages]
+    else:
+        final = out / "checkpoints" / "final.ckpt"
+        trainer.save_checkpoint(final)
+        results = []
+        for stage in stages:
+            evaluator: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=[],
+                                               enable_checkpointing=False, enable_model_summary=False)
+            fresh = LitGPT(module.model_config, module.optim, compile=module.compile, on_nonfinite=module.on_nonfinite)
+            results.append(getattr(evaluator, stage)(fresh, datamodule=datamodule, ckpt_path=str(final),
+                                                     verbose=False)[0])
+    return results[0], (results[1] if len(results) > 1 else {})
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the ``results.json`` content."""
     out = run_dir()
@@ -127,7 +150,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          f"{model_config.block_size}, the longest context the model supports")
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
-    check_free_space(out, module.model.num_parameters(), copies=2)  # best + last
+    sharded = "fsdp" in str(cfg.trainer.get("strategy")).lower()
+    check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     every = cfg.get("checkpoint_every_n_steps")
     # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.
@@ -146,8 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                      callbacks=callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.get("test_after_training") else {}
+    val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
     wall = time.perf_counter() - start
     peak, peak_kind = speed.peak_memory
     best = checkpoint.best_model_score

@@ -32,3 +32,24 @@ def test_fsdp_preset_wraps_every_transformer_block():
     assert set(policy._module_classes) == {TransformerBlock}
     assert strategy.sharding_strategy.name == "FULL_SHARD"
     assert cfg.trainer.precision == "bf16-mixed"
+
+
+def test_optimizer_groups_survive_wrapper_names():
+    """Decay groups are decided by name on the unwrapped model, so wrapped names (FSDP,
+    activation checkpointing, torch.compile) and flattened shapes still land in the right group."""
+    from attn_lm.lit_module import LitGPT, unwrapped_name
+
+    cfg = compose_cfg(["debug=smoke"])
+    from attn_lm.configure import gpt_config
+
+    module = LitGPT(gpt_config(cfg, vocab_size=64), dict(cfg.optim))
+    assert unwrapped_name("blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight") \
+        == "blocks.0.attn.qkv.weight"
+    names = dict(module.model.named_parameters())
+    decay = {n for n in names if unwrapped_name(n) in module._decay_names}
+    assert decay == {n for n, p in names.items() if p.dim() >= 2} and decay and len(decay) < len(names)
+
+
+def test_fsdp_preset_keeps_original_parameter_names():
+    strategy = instantiate(compose_cfg(["trainer=fsdp"]).trainer.strategy)
+    assert strategy.kwargs["use_orig_params"] is True
