@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -193,8 +194,11 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path, smoke_overr
     train(compose_cfg([*common, "trainer.max_steps=8"]))
     monkeypatch.chdir(tmp_path / "split")
     first = train(compose_cfg([*common, "trainer.max_steps=4"]))
-    resumed = train(compose_cfg([*common, "trainer.max_steps=8", f"ckpt_path={first['checkpoint']}"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = train(compose_cfg([*common, "trainer.max_steps=8", f"ckpt_path={first['checkpoint']}"]))
     assert resumed["steps"] == 8
+    assert not [w for w in caught if "not resumable" in str(w.message)]  # the loader's position is the step
     whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
     assert len(whole) == 8 and len(split) == 8
     assert split == whole

@@ -42,7 +42,7 @@ from .cache import ShardedTokenArray, TokenArray, TokenCache, open_or_build
 from .sharded import check_sharding, open_or_build_sharded
 from .sources import SPLITS, PathSpec, check_source_options, load_corpus
 from .tokenizers import Tokenizer, check_tokenizer_options
-from .windows import EpochSampler, EvalWindows, RandomWindows
+from .windows import EpochSampler, EvalWindows, RandomWindows, StepPositionedLoader
 
 LN2 = math.log(2.0)
 #: ``math.exp`` overflows above this; larger exponents are reported as ``inf``.
@@ -212,7 +212,7 @@ class LMDataModule(L.LightningDataModule):
             def position() -> int:
                 return trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
         sampler = EpochSampler(self.samples_per_epoch, position)
-        return DataLoader(
+        return StepPositionedLoader(
             self._dataset("train"),
             batch_size=self.batch_size,
             sampler=sampler,

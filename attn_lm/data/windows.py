@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 #: Target value that the loss ignores (``F.cross_entropy(..., ignore_index=-1)``).
 IGNORE_INDEX = -1
@@ -91,6 +91,24 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_epoch
+
+
+class StepPositionedLoader(DataLoader):
+    """The training ``DataLoader``: resumable mid-epoch without state of its own.
+
+    Its position lives in the :class:`EpochSampler`, which derives it from the trainer's global
+    step, and a checkpoint restores the global step. So the loader's own state is empty, and
+    ``state_dict``/``load_state_dict`` say so; having them tells Lightning the loader resumes
+    correctly from a mid-epoch checkpoint (otherwise it warns that the loader "is not resumable").
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            raise ValueError(f"unexpected training-loader state {sorted(state_dict)}: the position follows the "
+                             "global step, nothing else is restored")
 
 
 def eval_windows(n_tokens: int, block_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
