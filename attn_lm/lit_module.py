@@ -42,8 +42,7 @@ class LitGPT(L.LightningModule):
         # Matrices (linear and embedding weights) decay; biases and norm gains do not. Decided on
         # the unwrapped model by name: under FSDP the parameters are flat shards by the time
         # configure_optimizers runs, and their shapes no longer tell.
-        object.__setattr__(self, "_decay_names", frozenset(
-            name for name, param in self.model.named_parameters() if param.dim() >= 2))
+        object.__setattr__(self, "_decays", {name: param.dim() >= 2 for name, param in self.model.named_parameters()})
         self.compile = compile
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
@@ -121,8 +120,13 @@ class LitGPT(L.LightningModule):
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (decay if unwrapped_name(name) in self._decay_names else no_decay).append(param)
+            if not param.requires_grad:
+                continue
+            plain = unwrapped_name(name)
+            if plain not in self._decays:  # a wrapper this code does not know renamed it: say so, never guess
+                raise RuntimeError(f"parameter {name!r} (as {plain!r}) is not a parameter of the GPT; add the "
+                                   "wrapper's name segment to attn_lm.lit_module._WRAPPER_SEGMENTS")
+            (decay if self._decays[plain] else no_decay).append(param)
         o = self.optim
         fused = o.get("fused", "auto")
         if fused == "auto":

@@ -20,11 +20,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import KernelWarmup, NonFiniteLossGuard, SpeedMonitor
 from .configure import CONF_DIR, gpt_config
-from .lit_module import LitGPT, is_fsdp
+from .lit_module import LitGPT
 from .sweep import budget_summary, completed_results
 
 
@@ -116,7 +117,7 @@ def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, data
     after ``fit``): the weights are saved to ``checkpoints/final.ckpt`` and each evaluation runs
     on a fresh module, wrapped anew by a fresh trainer, that loads them."""
     stages = ["validate"] + (["test"] if cfg.get("test_after_training") else [])
-    if not is_fsdp(trainer.strategy.model):
+    if not isinstance(trainer.strategy, FSDPStrategy):
         results = [getattr(trainer, stage)(module, datamodule=datamodule, verbose=False)[0] for stage in stages]
     else:
         final = out / "checkpoints" / "final.ckpt"
@@ -150,8 +151,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          f"{model_config.block_size}, the longest context the model supports")
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
-    sharded = "fsdp" in str(cfg.trainer.get("strategy")).lower()
-    check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     every = cfg.get("checkpoint_every_n_steps")
     # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.
@@ -168,23 +167,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
                                      callbacks=callbacks)
+    sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)
+    check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
     wall = time.perf_counter() - start
     peak, peak_kind = speed.peak_memory
     best = checkpoint.best_model_score
+    budget = budget_summary(cfg, trainer.world_size)
     results = {
         "status": "complete",
         "run_dir": str(out),
         "attention": module.model.layer_types,
         "params": module.model.num_parameters(),
         "steps": trainer.global_step,
-        "budget": budget_summary(cfg, trainer.world_size),
+        "budget": budget,
         "processes": trainer.world_size,
         "nonfinite_steps": int(module.nonfinite_count),
-        "tokens_seen": trainer.global_step * int(cfg.data.batch_size) * int(cfg.data.block_size)
-        * int(cfg.trainer.get("accumulate_grad_batches") or 1) * trainer.world_size,
+        "tokens_seen": trainer.global_step * budget["tokens_per_step"],
         "val_loss": _metric(val, "val/loss"),
         "val_ppl": _metric(val, "val/ppl"),
         "best_val_loss": None if best is None else float(best),

@@ -46,7 +46,7 @@ def test_optimizer_groups_survive_wrapper_names():
     assert unwrapped_name("blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight") \
         == "blocks.0.attn.qkv.weight"
     names = dict(module.model.named_parameters())
-    decay = {n for n in names if unwrapped_name(n) in module._decay_names}
+    decay = {n for n in names if module._decays[unwrapped_name(n)]}
     assert decay == {n for n, p in names.items() if p.dim() >= 2} and decay and len(decay) < len(names)
 
 

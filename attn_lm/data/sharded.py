@@ -335,12 +335,9 @@ def _build_arrow(
     if missing:
         spans.update(carve_rows(spans["train"], missing, opts["holdout_fraction"]))
     started = time.perf_counter()
-    tokenizer = _train_tokenizer(
-        kind, vocab_size, _span_pieces(dataset, spans["train"], text_field, path), sharding.tokenizer_sample_chars
+    tokenizer, tokenizer_file, dtype = _train_tokenizer(
+        work, kind, vocab_size, _span_pieces(dataset, spans["train"], text_field, path), sharding.tokenizer_sample_chars
     )
-    tokenizer_file = work / "tokenizer.json"
-    tokenizer.save(tokenizer_file)
-    dtype = token_dtype(tokenizer.vocab_size)
     trained = time.perf_counter()
     shards: dict[str, list[dict[str, Any]]] = {}
     done: dict[RowSpan, list[dict[str, Any]]] = {}  # a split used for two roles is encoded once
@@ -514,12 +511,10 @@ def _build_streaming(
     started = time.perf_counter()
     train_split = chosen["train"]
     assert train_split is not None
-    tokenizer = _train_tokenizer(
-        kind, vocab_size, capped_batches(dataset[train_split], text_field, path, max_chars), sharding.tokenizer_sample_chars
+    tokenizer, tokenizer_file, dtype = _train_tokenizer(
+        work, kind, vocab_size, capped_batches(dataset[train_split], text_field, path, max_chars),
+        sharding.tokenizer_sample_chars,
     )
-    tokenizer_file = work / "tokenizer.json"
-    tokenizer.save(tokenizer_file)
-    dtype = token_dtype(tokenizer.vocab_size)
     trained = time.perf_counter()
     shards: dict[str, list[dict[str, Any]]] = {}
     done: dict[str, list[dict[str, Any]]] = {}
@@ -615,14 +610,20 @@ def carve_shards(train: list[dict[str, Any]], missing: Sequence[str], fraction: 
 # --------------------------------------------------------------------------------------------
 
 
-def _train_tokenizer(kind: str, vocab_size: int | None, pieces: Iterable[str], sample_chars: int) -> Tokenizer:
-    """Train ``kind`` on the first ``sample_chars`` characters of ``pieces`` (``byte``: reads nothing)."""
+def _train_tokenizer(work: Path, kind: str, vocab_size: int | None, pieces: Iterable[str],
+                     sample_chars: int) -> tuple[Tokenizer, Path, np.dtype]:
+    """Train ``kind`` on the first ``sample_chars`` characters of ``pieces`` (``byte``: reads
+    nothing) and save it into the build folder ``work``: (tokenizer, its file, the ids' dtype)."""
     if kind == "byte":
-        return build_tokenizer("byte", "")
-    sample, _ = join_capped(pieces, sample_chars)
-    if not sample:
-        raise ValueError("source 'hub': the train split is empty (no characters read)")
-    return build_tokenizer(kind, sample, vocab_size)
+        tokenizer = build_tokenizer("byte", "")
+    else:
+        sample, _ = join_capped(pieces, sample_chars)
+        if not sample:
+            raise ValueError("source 'hub': the train split is empty (no characters read)")
+        tokenizer = build_tokenizer(kind, sample, vocab_size)
+    path = work / "tokenizer.json"
+    tokenizer.save(path)
+    return tokenizer, path, token_dtype(tokenizer.vocab_size)
 
 
 def encode_text(tokenizer: Tokenizer, text: str, dtype: np.dtype) -> tuple[np.ndarray, dict[str, int]]:
