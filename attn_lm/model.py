@@ -116,6 +116,14 @@ class GPT(nn.Module):
     def layer_types(self) -> list[str]:
         return [block.attn.name for block in self.blocks]
 
+    @property
+    def untraceable(self) -> dict[str, str]:
+        """Mechanisms of this model that ``torch.compile`` cannot trace into one graph, with the
+        reason each declares (``compile_unsupported``); empty when the whole forward and loss is
+        one graph."""
+        return {block.attn.name: block.attn.compile_unsupported for block in self.blocks
+                if block.attn.compile_unsupported}
+
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` leaves out position embeddings (tied head counts once)."""
         n = sum(p.numel() for p in self.parameters())
@@ -154,6 +162,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
+        # The fp32 upcast is for the log-softmax's accuracy. Compiled, it is fused into the loss
+        # kernel and no fp32 [B*T, V] tensor is ever stored (this is why the model must compile as
+        # one graph: a break before the loss leaves it to eager kernels and fp32 copies).
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 

@@ -11,6 +11,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu``-marked tests need CUDA: skipped on CPU machines (CI), run with ``pytest -m gpu``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def token_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token_cache"))

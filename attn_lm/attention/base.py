@@ -44,6 +44,10 @@ class Attention(nn.Module):
     noncausal_unsupported: ClassVar[Optional[str]] = None
     #: Queries from ``x``, keys/values from ``context`` (cross-attention).
     uses_context: ClassVar[bool] = False
+    #: Why ``torch.compile`` cannot trace this mechanism into the model's graph (``None`` = it
+    #: can, with no graph break on any device's dispatch path; ``tests/test_compile.py`` holds
+    #: every mechanism to this). A model with such a layer compiles with graph breaks around it.
+    compile_unsupported: ClassVar[Optional[str]] = None
 
     def __init__(self, config: AttentionConfig):
         super().__init__()
@@ -196,13 +200,15 @@ class SoftmaxAttention(Attention):
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
         self.pattern = self.build_pattern()
+        #: SDPA backends this layer pins (``None``: the library's fastest-first order on GPU).
+        self.sdpa_backends: Optional[tuple] = None
 
     def build_pattern(self) -> MaskPattern:
         return MaskPattern(causal=self.config.causal)
 
     def attend(self, q, k, v, q_pos, kv_pos, mask):
         return softmax_attention(q, k, v, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout,
-                                 contiguous_positions=True)
+                                 contiguous_positions=True, backends=self.sdpa_backends)
 
     def attend_reference(self, q, k, v, q_pos, kv_pos, mask):
         return reference_attention(q, k, v, bias=self.score_bias(q_pos, kv_pos, mask, q.dtype),
@@ -215,7 +221,8 @@ class SoftmaxAttention(Attention):
 
     def attend_cached(self, q, k, v, q_pos, cache, mask):
         k_all, v_all, kv_pos = cache.append(k, v)
-        return softmax_attention(q, k_all, v_all, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout)
+        return softmax_attention(q, k_all, v_all, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout,
+                                 backends=self.sdpa_backends)
 
 
 def iter_attention(module: nn.Module) -> Iterator[Attention]:

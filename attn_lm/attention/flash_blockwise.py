@@ -273,11 +273,15 @@ class _BlockwiseAttention(SoftmaxAttention):
     """Shared plumbing: tiles of ``block_size`` queries and keys, GQA heads expanded, stats."""
 
     options = {"block_size": 64}
+    compile_unsupported = ("teaching code: empty tiles are skipped by data-dependent Python branches and counted in "
+                           "Python state, which torch.compile cannot trace; these layers run eagerly inside a compiled "
+                           "model (use 'flash' for the fused kernel)")
 
     def __init__(self, config):
         super().__init__(config)
         self.tile_stats: Optional[TileStats] = None
 
+    @torch.compiler.disable
     def attend(self, q, k, v, q_pos, kv_pos, mask):
         grid = TileGrid(self.pattern, self.alibi, q_pos, kv_pos, mask, self.opt("block_size"), self.attn_dropout)
         n_heads = q.shape[1]

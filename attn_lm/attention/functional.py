@@ -21,7 +21,7 @@ import contextlib
 import functools
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,42 +67,55 @@ def reference_attention(
 #: SDPA backends in the order tried on GPU. cuDNN's fused attention is the fastest on Hopper
 #: (about 1.6x the flash backend for causal bf16 fwd+bwd); PyTorch falls through to the next
 #: backend when one cannot take the shape, dtype or arguments.
-_GPU_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                      SDPBackend.MATH]
+GPU_SDPA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH)
 
 
 #: With an explicit mask (decoding with a cache, user masks) cuDNN builds a new execution plan for
 #: every new key length, i.e. every decoding step (~20x slower decoding, measured on H200); the
 #: memory-efficient kernel takes masks of any length without that cost.
-_GPU_MASKED_SDPA_PRIORITY = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+GPU_MASKED_SDPA_PRIORITY = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
-def _fastest_sdpa(q: Tensor, masked: bool = False):
-    """Context preferring the fastest SDPA backend on GPU (PyTorch's default order elsewhere).
+#: Take the GPU branch of the dispatch for tensors on any device. The dispatch code is the same
+#: on every device (only the kernels behind SDPA/FlexAttention differ), so CPU tests set this to
+#: trace exactly the code a GPU runs, e.g. to prove it compiles without graph breaks.
+FORCE_GPU_DISPATCH = False
 
-    Inside an explicit ``sdpa_kernel`` choice (the ``sdpa``/``flash`` mechanisms) the caller's
-    choice stands: this only orders the backends when none was pinned.
+
+def gpu_dispatch(q: Tensor) -> bool:
+    """Whether the dispatch takes its GPU branch for ``q`` (a CUDA tensor, or forced for tests)."""
+    return q.is_cuda or FORCE_GPU_DISPATCH
+
+
+def sdpa_backends(q: Tensor, pinned: Optional[Sequence[SDPBackend]] = None, masked: bool = False):
+    """Context selecting SDPA backends: ``pinned`` (the ``sdpa`` mechanism's choice) on any
+    device, else the fastest-first priority on GPU, else PyTorch's default.
+
+    The choice is a pure function of its arguments (no query of PyTorch's global backend flags),
+    so ``torch.compile`` traces it into the graph instead of breaking the graph there.
     """
-    if not q.is_cuda or _backend_pinned():
+    if pinned is not None:
+        return sdpa_kernel(list(pinned))
+    if not gpu_dispatch(q):
         return contextlib.nullcontext()
-    return sdpa_kernel(_GPU_MASKED_SDPA_PRIORITY if masked else _GPU_SDPA_PRIORITY, set_priority=True)
-
-
-def _backend_pinned() -> bool:
-    """True inside an ``sdpa_kernel`` context that disabled some backend."""
-    return not all((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
-                    torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+    return sdpa_kernel(list(GPU_MASKED_SDPA_PRIORITY if masked else GPU_SDPA_PRIORITY), set_priority=True)
 
 
 _compiled_flex = None
 
 
 def _flex_attention():
-    """``torch.compile``d FlexAttention, built once per process (compiling is what makes it fused)."""
+    """FlexAttention, fused. Inside a compiled model the plain function is traced into the model's
+    graph (the compiler fuses it there); in eager mode a ``torch.compile``d copy is built once
+    per process (compiling is what makes it fused)."""
     global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
     if _compiled_flex is None:
         import torch._dynamo.config as dynamo_config
-        from torch.nn.attention.flex_attention import flex_attention
 
         # Each distinct mask pattern / score_mod / shape is its own compiled kernel; past Dynamo's
         # default limit of 8 recompilations FlexAttention would silently run unfused (dense).
@@ -125,18 +138,20 @@ def softmax_attention(
     alibi=None,
     dropout_p: float = 0.0,
     contiguous_positions: bool = False,
+    backends: Optional[Sequence[SDPBackend]] = None,
 ) -> Tensor:
     """Exact softmax attention under ``pattern`` (plus optional ALiBi and user ``mask``).
 
     ``contiguous_positions`` says ``q_pos == kv_pos == arange(T)`` (a plain full forward), which
-    lets SDPA use ``is_causal`` and FlexAttention use a cached ``BlockMask``.
+    lets SDPA use ``is_causal`` and FlexAttention use a cached ``BlockMask``. ``backends`` pins
+    the SDPA backends (see :func:`sdpa_backends`).
     """
     gqa = k.shape[1] != q.shape[1]
     if contiguous_positions and mask is None and alibi is None and pattern.is_full:
-        with _fastest_sdpa(q):
+        with sdpa_backends(q, backends):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=pattern.causal,
                                                   enable_gqa=gqa)
-    if contiguous_positions and mask is None and q.is_cuda:
+    if contiguous_positions and mask is None and gpu_dispatch(q):
         if dropout_p > 0.0:
             _warn_flex_dropout()
         score_mod = alibi.score_mod() if alibi is not None else None
@@ -147,7 +162,7 @@ def softmax_attention(
     if alibi is not None:
         bias = bias + alibi.bias(q_pos, kv_pos, q.dtype)
     empty_row = torch.isneginf(bias).all(dim=-1, keepdim=True)
-    with _fastest_sdpa(q, masked=True):
+    with sdpa_backends(q, backends, masked=True):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.masked_fill(empty_row, 0.0), dropout_p=dropout_p, enable_gqa=gqa
         )

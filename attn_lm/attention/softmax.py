@@ -8,9 +8,7 @@ dispatch of :class:`~attn_lm.attention.base.SoftmaxAttention`; they differ in wh
 """
 from __future__ import annotations
 
-import contextlib
-
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from .base import SoftmaxAttention
 from .factory import register
@@ -48,14 +46,14 @@ class SDPAAttention(SoftmaxAttention):
         if config.backend is not None and config.backend not in ("auto", *_BACKENDS):
             raise ValueError(f"sdpa backend {config.backend!r} unknown; valid: auto, {', '.join(_BACKENDS)}")
 
-    def _pinned(self):
+    def __init__(self, config):
+        super().__init__(config)
         name = self.opt("backend")
-        return contextlib.nullcontext() if name == "auto" else sdpa_kernel([_BACKENDS[name]])
+        self.sdpa_backends = None if name == "auto" else (_BACKENDS[name],)
 
     def attend(self, q, k, v, q_pos, kv_pos, mask):
         try:
-            with self._pinned():
-                return super().attend(q, k, v, q_pos, kv_pos, mask)
+            return super().attend(q, k, v, q_pos, kv_pos, mask)
         except RuntimeError as err:
             if "No viable backend" not in str(err):
                 raise
@@ -64,10 +62,6 @@ class SDPAAttention(SoftmaxAttention):
                 f"head_dim {q.shape[-1]}, mask={'yes' if mask is not None else 'no'}); "
                 "use backend=auto to let PyTorch choose"
             ) from err
-
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
-        with self._pinned():
-            return super().attend_cached(q, k, v, q_pos, cache, mask)
 
 
 @register("flash")
