@@ -1,7 +1,8 @@
 """Lightning callbacks around a run: :class:`SpeedMonitor` measures throughput (tokens/s), step
 time, peak memory and an MFU estimate, timing windows of ``log_every_n_steps`` steps with a host
 clock and synchronizing the device only at window boundaries, so the training step itself never
-waits on the host; :class:`KernelWarmup` compiles kernels before a wall-clock budget starts;
+waits on the host; :class:`LossProgressBar` reads the loss only when it refreshes;
+:class:`KernelWarmup` compiles kernels before a wall-clock budget starts;
 :class:`NonFiniteLossGuard` stops a run at a non-finite loss.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -121,6 +123,21 @@ class SpeedMonitor(L.Callback):
             return {}
         return {"tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / steps,
                 "measured_steps": steps, "train_seconds": self.train_seconds}
+
+
+class LossProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, showing the training loss only when it refreshes.
+
+    A metric logged with ``prog_bar=True`` is read from the device after every batch (a host
+    sync per step); this bar reads ``pl_module.last_train_loss`` every ``refresh_rate`` steps."""
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's version number says nothing about the run
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None and trainer.training:
+            items["loss"] = f"{float(loss):.4g}"
+        return items
 
 
 class KernelWarmup(L.Callback):

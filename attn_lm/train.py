@@ -19,11 +19,11 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import KernelWarmup, NonFiniteLossGuard, SpeedMonitor
+from .callbacks import KernelWarmup, LossProgressBar, NonFiniteLossGuard, SpeedMonitor
 from .configure import CONF_DIR, gpt_config
 from .lit_module import LitGPT
 from .sweep import budget_summary, completed_results
@@ -164,7 +164,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [*warmup, checkpoint, *periodic, speed, NonFiniteLossGuard()] + (
         [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
+        callbacks.append(LossProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
                                      callbacks=callbacks)
     sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)

@@ -35,6 +35,7 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -222,6 +223,13 @@ class LMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Copy batches without blocking the host. Lightning's default ``.to(device)`` waits for
+        the copy, i.e. for every kernel queued before it: a host sync per training step that idled
+        the GPU while the next step was launched (+11% step time at the GPT-2-small shape on an
+        H200). The loaders pin their batches on CUDA, so the copy really is asynchronous."""
+        return apply_to_collection(batch, torch.Tensor, lambda t: t.to(device, non_blocking=True))
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
