@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional, Sequence, TextIO
 import torch
 
 # Make ``attn_lm`` importable when the scripts run from a checkout that is not pip-installed.
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from attn_lm.profiler import time_calls  # noqa: E402  (one timing loop for profiler and benchmarks)
 

@@ -1,14 +1,17 @@
-"""Benchmark one training step of a GPT-2-small-shaped model for each attention mechanism.
+"""Benchmark the training step of a GPT-2-small-shaped model for each attention mechanism, the
+real training loop around it, and the speed guard that keeps both at least as fast as nanoGPT.
 
 What is measured
 ----------------
-For each mechanism in ``--mechanisms`` (default ``full``): a GPT built with that attention in
-every layer (GPT-2 small by default: 12 layers, d_model 768, 12 heads, T = 1024, vocab 50304,
-batch 16, learned positions, no biases, no dropout), trained on random tokens (no data loading),
-one step = forward + loss under ``torch.autocast`` (bf16 on CUDA, fp32 off it), backward,
-fused AdamW step, ``zero_grad(set_to_none=True)``; the model is ``torch.compile``d by default
-on CUDA (``--no-compile`` to disable). ``--warmup-steps`` steps (compilation happens there),
-then ``--steps`` steps each timed on its own (CUDA events on GPU), reported as the median:
+For each mechanism in ``--mechanisms`` (default ``full``; ``all`` = every registered one) and
+each of ``--modes`` (``compiled``: ``attn_lm.lit_module.compile_for_training``, i.e. one graph
+with ``fullgraph`` and static shapes, exactly as training compiles; ``eager``): a GPT built with
+that attention in every layer (GPT-2 small by default: 12 layers, d_model 768, 12 heads,
+T = 1024, vocab 50304, batch 16, learned positions, no biases, no dropout), trained on random
+tokens (no data loading), one step = forward + loss under ``torch.autocast`` (bf16 on CUDA, fp32
+off it), backward, fused AdamW step, ``zero_grad(set_to_none=True)``. ``--warmup-steps`` steps
+(compilation happens there), then ``--steps`` steps each timed on its own (CUDA events on GPU),
+reported as the median:
 
 * ``step ms`` and ``tokens/s = B T / step``;
 * ``MFU = tokens/s * flops_per_token / peak``, with ``flops_per_token = 6 N + 12 L d T``
@@ -20,17 +23,41 @@ then ``--steps`` steps each timed on its own (CUDA events on GPU), reported as t
   number (which no kernel reaches);
 * peak allocated CUDA memory over the timed steps.
 
+With both modes a mechanism that runs slower compiled than eager is flagged in the summary.
+
 ``--nanogpt-baseline`` adds a minimal nanoGPT-equivalent model written below (plain modules,
-``F.scaled_dot_product_attention(is_causal=True)``, same shape, same step) to check that the
-library's model has no overhead over the reference implementation. Output: a markdown table on
-stdout (streamed), and JSON lines in ``--out``.
+``F.scaled_dot_product_attention(is_causal=True)``, same shape, same step, compiled the way
+nanoGPT's train.py compiles it) and prints ``full``'s tokens/s and peak memory as ratios of it.
+``--min-ratio R`` makes the script exit 1 when ``full`` (compiled when compiled is measured)
+runs below ``R`` x the reference's tokens/s, and ``--max-memory-ratio M`` when its peak memory
+is above ``M`` x the reference's: the guard of benchmarks/CHECKS.md.
+
+``--loop`` times the real training path, ``python -m attn_lm.train`` in a subprocess at the same
+shape (``--loop-overrides`` picks the data, default Tiny Shakespeare at character level from
+``$ATTN_LM_DATA_ROOT``), reads its measured step time from ``results.json`` (Lightning loop,
+data loading, logging, gradient clipping, LR schedule; compilation and evaluation excluded by
+the SpeedMonitor), and times the bare compiled step of the *same* model (its checkpoint's
+config, same optimizer and clipping) in this process: their ratio is the loop's overhead
+(``--max-loop-overhead``). ``--nanogpt-dir DIR`` also runs nanoGPT's own ``train.py`` from
+``DIR`` (prepared as ``../shared/tools/nanogpt-baseline.sh`` describes) at that shape in the same
+call and compares tokens/s (``--min-loop-ratio``).
+
+Output: a markdown table on stdout (streamed), a summary of ratios and checks, and JSON lines in
+``--out``.
 
 Example: ``python scripts/bench_train.py --mechanisms full,local,linear --nanogpt-baseline``.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import _bench_common as common  # first: puts the repository root on sys.path
@@ -39,8 +66,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
+from attn_lm.lit_module import compile_for_training
 
-COLUMNS = ["name", "params (M)", "step ms", "tokens/s", "MFU %", "peak MB", "note"]
+COLUMNS = ["name", "mode", "params (M)", "step ms", "tokens/s", "MFU %", "peak MB", "note"]
+REFERENCE = "nanoGPT reference"
 
 
 class ReferenceBlock(nn.Module):
@@ -99,36 +128,52 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, targets: Tensor,
-               amp_dtype: Optional[torch.dtype]) -> Callable[[], None]:
+               amp_dtype: Optional[torch.dtype], clip: Optional[float] = None) -> Callable[[], None]:
     device_type = idx.device.type
+    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step() -> None:
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             _, loss = model(idx, targets)
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float) -> dict[str, Any]:
+def compile_model(model: nn.Module) -> nn.Module:
+    """The library's model compiles as training compiles it (or stays eager where a layer cannot
+    be traced); the reference compiles as nanoGPT's train.py does."""
+    if isinstance(model, GPT):
+        compiled = compile_for_training(model)
+        return model if compiled is None else compiled
+    return torch.compile(model)
+
+
+def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, compiled: bool,
+            vocab_size: int, clip: Optional[float] = None) -> dict[str, Any]:
     """Warm-up then timed training steps of ``model``; returns the row's measurements."""
     device = args.device
     model = model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
-    compiled = torch.compile(model) if args.compile else model
+    runner = compile_model(model) if compiled else model
     gen = torch.Generator(device=device).manual_seed(0)
-    idx, targets = (torch.randint(args.vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
+    idx, targets = (torch.randint(vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
                     for _ in range(2))
-    step = train_step(compiled, optimizer, idx, targets, common.DTYPES[args.dtype] if args.dtype != "fp32" else None)
+    step = train_step(runner, optimizer, idx, targets, common.DTYPES[args.dtype] if args.dtype != "fp32" else None,
+                      clip)
     for _ in range(args.warmup_steps):
         step()
     common.reset_peak_memory(device)
     ms = statistics.median(common.time_calls(step, args.steps, device))
     tokens_per_s = args.batch_size * args.seq_len / (ms * 1e-3)
+    if args.profile:
+        print_profile(step, device, args.profile)
     return {
         "params_m": n_params / 1e6,
         "step_ms": ms,
@@ -138,15 +183,32 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float) 
     }
 
 
-def run(name: str, build: Callable[[], tuple[nn.Module, float]], args, peak_tflops: float,
-        table: common.MarkdownTable, out: common.JsonLines) -> None:
-    """Build (``build`` returns the model and its FLOPs per token) and benchmark one model; an
-    OOM or error is reported in the row and the next model still runs."""
-    row: dict[str, Any] = {"name": name, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                           "compile": args.compile, "dtype": args.dtype, "peak_tflops": peak_tflops}
+def print_profile(step: Callable[[], None], device: torch.device, rows: int, steps: int = 3) -> None:
+    """The ``rows`` kernels (operators on CPU) that take the most time over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        common.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile, {steps} steps:\n" + prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70),
+          flush=True)
+
+
+def run(name: str, mode: str, build: Callable[[], tuple[nn.Module, float]], args, peak_tflops: float,
+        table: common.MarkdownTable, out: common.JsonLines, vocab_size: Optional[int] = None,
+        clip: Optional[float] = None) -> dict[str, Any]:
+    """Build (``build`` returns the model and its FLOPs per token) and benchmark one model in one
+    mode; an OOM or error is reported in the row and the next model still runs."""
+    row: dict[str, Any] = {"name": name, "mode": mode, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                           "dtype": args.dtype, "peak_tflops": peak_tflops}
+    model = None
     try:
         model, flops_per_token = build()
-        row.update(measure(model, flops_per_token, args, peak_tflops), flops_per_token=flops_per_token)
+        row.update(measure(model, flops_per_token, args, peak_tflops, mode == "compiled",
+                           vocab_size or args.vocab_size, clip), flops_per_token=flops_per_token)
     except Exception as error:  # one failing mechanism must not end the sweep
         row["note"] = common.describe_error(error)
     finally:
@@ -158,15 +220,155 @@ def run(name: str, build: Callable[[], tuple[nn.Module, float]], args, peak_tflo
     table.row({**row, "params (M)": row.get("params_m"), "step ms": row.get("step_ms"),
                "tokens/s": row.get("tokens_per_s"), "MFU %": None if mfu is None else 100 * mfu,
                "peak MB": row.get("peak_mb")})
+    return row
+
+
+# ----------------------------------------------------------------------------- the real loop
+def run_training_loop(args) -> dict[str, Any]:
+    """``python -m attn_lm.train`` at the benchmark's shape in a subprocess; its results.json."""
+    run_dir = Path(tempfile.mkdtemp(prefix="bench_train_loop_"))
+    overrides = [
+        *args.loop_overrides,
+        f"model.n_layer={args.n_layer}", f"model.d_model={args.d_model}", f"model.n_heads={args.n_heads}",
+        f"model.bias={str(args.bias).lower()}", f"data.block_size={args.seq_len}", f"data.batch_size={args.batch_size}",
+        "model.dropout=0.0", f"trainer.max_steps={args.loop_steps}", f"trainer.val_check_interval={args.loop_steps}",
+        "trainer.log_every_n_steps=25", "test_after_training=false", "trainer.enable_model_summary=false",
+        f"compile={str('compiled' in args.modes).lower()}", f"hydra.run.dir={run_dir}",
+    ]
+    if args.device.type == "cuda":
+        overrides.insert(0, "trainer=gpu")
+    command = [sys.executable, "-m", "attn_lm.train", *overrides]
+    print(f"\nloop: `{' '.join(command[1:])}`", flush=True)
+    done = subprocess.run(command, cwd=common.ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the training loop failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def loop_model(results: dict[str, Any]) -> GPT:
+    """The loop's own model (config from its checkpoint), for the bare step of the same work."""
+    from attn_lm.config import gpt_config_from_dict
+
+    hparams = torch.load(results["checkpoint"], map_location="cpu", weights_only=False)["hyper_parameters"]
+    torch.manual_seed(0)
+    return GPT(gpt_config_from_dict(hparams["model_config"]))
+
+
+def run_nanogpt_train_py(nanogpt_dir: Path, args) -> float:
+    """Median ms/iteration of nanoGPT's own train.py at this shape (iterations 30 on, as
+    nanogpt-baseline.sh does), character-level Tiny Shakespeare prepared in ``nanogpt_dir``."""
+    data = nanogpt_dir / "data" / "shakespeare_char"
+    if not (data / "train.bin").exists():
+        subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+    iters = max(60, args.loop_steps)
+    command = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--n_layer={args.n_layer}",
+               f"--n_head={args.n_heads}", f"--n_embd={args.d_model}", f"--block_size={args.seq_len}",
+               f"--batch_size={args.batch_size}", "--gradient_accumulation_steps=1", "--dropout=0.0",
+               f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--warmup_iters=10", "--eval_interval=1000000",
+               "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False",
+               f"--out_dir={tempfile.mkdtemp(prefix='nanogpt_')}", f"--compile={'compiled' in args.modes}",
+               f"--bias={args.bias}", "--dtype=bfloat16" if args.dtype == "bf16" else "--dtype=float32"]
+    print(f"nanoGPT: `{' '.join(command[1:])}` in {nanogpt_dir}", flush=True)
+    done = subprocess.run(command, cwd=nanogpt_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"nanoGPT's train.py failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    pattern = re.compile(r"iter (\d+): .*time ([0-9.]+)ms")
+    times = [float(m.group(2)) for m in map(pattern.match, done.stdout.splitlines()) if m and int(m.group(1)) >= 30]
+    return statistics.median(times)
+
+
+def measure_loop(args, peak: float, table: common.MarkdownTable, out: common.JsonLines) -> dict[str, float]:
+    """Loop vs bare step of the same model (and vs nanoGPT's train.py with ``--nanogpt-dir``)."""
+    results = run_training_loop(args)
+    loop_ms = float(results["step_ms"])
+    tokens = args.batch_size * args.seq_len
+    config = results["config"]
+    clip = config["trainer"].get("gradient_clip_val")
+    mode = "compiled" if "compiled" in args.modes else "eager"
+
+    def build():
+        model = loop_model(results)
+        return model, model.flops_per_token(args.seq_len)
+
+    bare = run("bare step of the loop's model", mode, build, args, peak, table, out,
+               vocab_size=loop_model(results).config.vocab_size, clip=clip)
+    loop_row = {"name": "python -m attn_lm.train", "mode": mode, "step_ms": loop_ms, "tokens_per_s": tokens / loop_ms * 1e3,
+                "params (M)": results["params"] / 1e6, "note": f"{results['measured_steps']} steps timed"}
+    table.row({**loop_row, "step ms": loop_ms, "tokens/s": loop_row["tokens_per_s"], "peak MB": results["peak_memory_mb"]})
+    out.write({**loop_row, "peak_mb": results["peak_memory_mb"], "results": results["run_dir"]})
+    if "step_ms" not in bare:
+        raise SystemExit(f"the bare step of the loop's model failed: {bare.get('note')}")
+    ratios = {"loop_overhead": loop_ms / bare["step_ms"] - 1.0}
+    if args.nanogpt_dir:
+        nanogpt_ms = run_nanogpt_train_py(Path(args.nanogpt_dir), args)
+        row = {"name": "nanoGPT train.py", "mode": mode, "step_ms": nanogpt_ms, "tokens_per_s": tokens / nanogpt_ms * 1e3}
+        table.row({**row, "step ms": nanogpt_ms, "tokens/s": row["tokens_per_s"]})
+        out.write(row)
+        ratios["loop_vs_nanogpt"] = nanogpt_ms / loop_ms
+    return ratios
+
+
+# ----------------------------------------------------------------------------- checks
+def check(ok: bool, message: str, failures: list[str]) -> None:
+    print(f"- {'ok' if ok else 'FAIL'}: {message}")
+    if not ok:
+        failures.append(message)
+
+
+def summarize(rows: list[dict[str, Any]], loop: dict[str, float], args) -> list[str]:
+    """Print the ratios the targets are stated in; return the failed guard checks."""
+    print("\n## Summary\n")
+    failures: list[str] = []
+    by = {(r["name"], r["mode"]): r for r in rows if r.get("tokens_per_s")}
+    for name in args.mechanisms:
+        compiled, eager = by.get((name, "compiled")), by.get((name, "eager"))
+        if compiled and eager:
+            speedup = compiled["tokens_per_s"] / eager["tokens_per_s"]
+            message = f"{name}: compiled / eager tokens/s = {speedup:.3f}"
+            if args.require_compile_win:
+                check(speedup >= 1.0, message, failures)
+            else:
+                print(f"- {message}")
+    mode = "compiled" if "compiled" in args.modes else "eager"
+    full, reference = by.get(("full", mode)), by.get((REFERENCE, mode))
+    if full and reference:
+        speed = full["tokens_per_s"] / reference["tokens_per_s"]
+        memory = full["peak_mb"] / reference["peak_mb"] if full.get("peak_mb") and reference.get("peak_mb") else None
+        print(f"- full / {REFERENCE} ({mode}): tokens/s {speed:.3f}x" +
+              ("" if memory is None else f", peak memory {memory:.3f}x"))
+        if args.min_ratio is not None:
+            check(speed >= args.min_ratio, f"full tokens/s {speed:.3f}x the reference >= {args.min_ratio}", failures)
+        if args.max_memory_ratio is not None and memory is not None:
+            check(memory <= args.max_memory_ratio, f"full peak memory {memory:.3f}x the reference <= "
+                  f"{args.max_memory_ratio}", failures)
+    elif args.min_ratio is not None or args.max_memory_ratio is not None:
+        check(False, "the guard needs a measured 'full' row and --nanogpt-baseline", failures)
+    if "loop_overhead" in loop:
+        message = f"training loop step time {100 * loop['loop_overhead']:+.1f}% over the bare step of the same model"
+        if args.max_loop_overhead is None:
+            print(f"- {message}")
+        else:
+            check(loop["loop_overhead"] <= args.max_loop_overhead, f"{message} (<= {100 * args.max_loop_overhead:.0f}%)",
+                  failures)
+    if "loop_vs_nanogpt" in loop:
+        message = f"python -m attn_lm.train tokens/s = {loop['loop_vs_nanogpt']:.3f}x nanoGPT's train.py"
+        if args.min_loop_ratio is None:
+            print(f"- {message}")
+        else:
+            check(loop["loop_vs_nanogpt"] >= args.min_loop_ratio, f"{message} (>= {args.min_loop_ratio})", failures)
+    return failures
 
 
 def parse_args(argv=None):
     device = common.default_device()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mechanisms", type=common.csv_strs, default=["full"], help="comma-separated attention types")
+    p.add_argument("--mechanisms", type=common.csv_strs, default=["full"],
+                   help="comma-separated attention types, or 'all' for every registered one")
     p.add_argument("--options", action="append", default=[], metavar="MECH.OPTION=VALUE",
                    help="mechanism option, repeatable (e.g. --options local.window_size=256)")
+    p.add_argument("--modes", type=common.csv_strs, default=["compiled" if device.type == "cuda" else "eager"],
+                   help="comma-separated: compiled, eager (default: compiled on CUDA, eager on CPU)")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--n-heads", type=int, default=12)
@@ -176,18 +378,42 @@ def parse_args(argv=None):
     p.add_argument("--bias", action="store_true", help="biases in linear layers and LayerNorms")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16" if device.type == "cuda" else "fp32",
                    help="autocast dtype (fp32 = no autocast)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=device.type == "cuda")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--matmul-size", type=int, default=8192 if device.type == "cuda" else 1024,
                    help="n of the n x n x n matmul that measures the peak")
     p.add_argument("--nanogpt-baseline", action="store_true", help="also time the nanoGPT-equivalent reference")
+    p.add_argument("--min-ratio", type=float, default=None,
+                   help="exit 1 when full's tokens/s is below this multiple of the reference's")
+    p.add_argument("--max-memory-ratio", type=float, default=None,
+                   help="exit 1 when full's peak memory is above this multiple of the reference's")
+    p.add_argument("--require-compile-win", action="store_true",
+                   help="with --modes compiled,eager: exit 1 when a mechanism is slower compiled than eager")
+    p.add_argument("--loop", action="store_true", help="also time python -m attn_lm.train at this shape")
+    p.add_argument("--loop-overrides", type=str, default="data=tinyshakespeare",
+                   help="space-separated Hydra overrides choosing the loop's data (default: data=tinyshakespeare, "
+                        "read from $ATTN_LM_DATA_ROOT)")
+    p.add_argument("--loop-steps", type=int, default=150, help="optimizer steps of the loop run")
+    p.add_argument("--max-loop-overhead", type=float, default=None,
+                   help="exit 1 when the loop's step time exceeds the bare step's by more than this fraction")
+    p.add_argument("--nanogpt-dir", type=str, default=None,
+                   help="with --loop: a prepared nanoGPT checkout whose train.py runs at the same shape")
+    p.add_argument("--min-loop-ratio", type=float, default=None,
+                   help="exit 1 when the loop's tokens/s is below this multiple of nanoGPT train.py's")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing each row, print its N most expensive kernels (torch.profiler)")
     p.add_argument("--out", type=str, default=None, help="JSON-lines output file")
     args = p.parse_args(argv)
-    args.mechanisms = [AttentionFactory.get_class(n).name for n in args.mechanisms]
+    names = AttentionFactory.names() if args.mechanisms == ["all"] else args.mechanisms
+    args.mechanisms = [AttentionFactory.get_class(n).name for n in names]
     args.options = common.parse_mechanism_options(args.options)
+    args.loop_overrides = args.loop_overrides.split()
+    if set(args.modes) - {"compiled", "eager"} or not args.modes:
+        p.error(f"--modes takes compiled and/or eager, got {','.join(args.modes)}")
     if args.warmup_steps < 0 or args.steps < 1:
         p.error("--warmup-steps must be >= 0 and --steps >= 1")
+    if args.nanogpt_dir and not args.loop:
+        p.error("--nanogpt-dir needs --loop")
     args.device = device
     return args
 
@@ -203,13 +429,15 @@ def main(argv=None) -> None:
     print(common.header(device, [
         (f"model: {args.n_layer} layers, d_model {args.d_model}, {args.n_heads} heads, T={args.seq_len}, "
          f"vocab {args.vocab_size}, batch {args.batch_size}, bias={args.bias}"),
-        (f"autocast {args.dtype}, compile={args.compile}, fused AdamW={device.type == 'cuda'}, "
+        (f"autocast {args.dtype}, modes {','.join(args.modes)}, fused AdamW={device.type == 'cuda'}, "
          f"{args.warmup_steps} warm-up + {args.steps} timed steps (median)"),
         (f"peak (measured {args.matmul_size}^3 {args.dtype} matmul): {peak:.4g} TFLOP/s; "
          "MFU = tokens/s * (6 N + 12 L d T) / peak"),
     ]))
     print()
     table, out = common.MarkdownTable(COLUMNS), common.JsonLines(args.out)
+    rows: list[dict[str, Any]] = []
+    loop: dict[str, float] = {}
     try:
         for name in args.mechanisms:
             def build(name=name):
@@ -217,7 +445,7 @@ def main(argv=None) -> None:
                 model = GPT(gpt_config(name, args))
                 return model, model.flops_per_token(args.seq_len)
 
-            run(name, build, args, peak, table, out)
+            rows += [run(name, mode, build, args, peak, table, out) for mode in args.modes]
         if args.nanogpt_baseline:
             def build_reference():
                 torch.manual_seed(0)
@@ -226,9 +454,14 @@ def main(argv=None) -> None:
                 model = ReferenceGPT(args.vocab_size, args.seq_len, args.n_layer, args.d_model, args.n_heads, args.bias)
                 return model, flops
 
-            run("nanoGPT reference", build_reference, args, peak, table, out)
+            rows += [run(REFERENCE, mode, build_reference, args, peak, table, out) for mode in args.modes]
+        if args.loop:
+            loop = measure_loop(args, peak, table, out)
     finally:
         out.close()
+    failures = summarize(rows, loop, args)
+    if failures:
+        raise SystemExit(f"{len(failures)} check(s) failed: " + "; ".join(failures))
 
 
 if __name__ == "__main__":

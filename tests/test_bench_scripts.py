@@ -60,20 +60,41 @@ def test_bench_attention_skips_after_slow_call(tmp_path):
     assert notes[("full", "32")].startswith("skipped (")
 
 
+TINY_TRAIN = ["--n-layer", "2", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--vocab-size", "64",
+              "--batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--matmul-size", "64"]
+
+
 def test_bench_train_tiny(tmp_path):
     out = tmp_path / "train.jsonl"
-    stdout = run_script(
-        "bench_train.py", "--mechanisms", "full,linear", "--nanogpt-baseline", "--n-layer", "2", "--d-model", "32",
-        "--n-heads", "2", "--seq-len", "32", "--vocab-size", "64", "--batch-size", "2", "--warmup-steps", "1",
-        "--steps", "2", "--matmul-size", "64", "--out", str(out),
-    )
+    stdout = run_script("bench_train.py", "--mechanisms", "full,linear", "--nanogpt-baseline", *TINY_TRAIN,
+                        "--min-ratio", "0.01", "--out", str(out))
     assert "TFLOP/s" in stdout
     rows = table_rows(stdout)
-    assert [row[0] for row in rows] == ["full", "linear", "nanoGPT reference"]
+    assert [(row[0], row[1]) for row in rows] == [("full", "eager"), ("linear", "eager"), ("nanoGPT reference", "eager")]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(rec["tokens_per_s"] > 0 and rec["mfu"] > 0 for rec in records), records
     # The reference has exactly the library model's shape, hence the same parameter count.
     assert records[0]["params_m"] == records[2]["params_m"]
+    assert "- ok: full tokens/s" in stdout
+
+
+def test_bench_train_guard_fails_below_the_ratio():
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--nanogpt-baseline", *TINY_TRAIN,
+                             "--min-ratio", "1000"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 1
+    assert "FAIL: full tokens/s" in result.stdout and "check(s) failed" in result.stderr
+
+
+def test_bench_train_times_the_real_loop_and_the_bare_step_of_its_model(token_cache):
+    """--loop runs python -m attn_lm.train at the benchmark's shape and the bare step of the
+    model that run built (its checkpoint's config: the data's vocabulary, not --vocab-size)."""
+    overrides = f"data=stdlib data.max_chars=200000 data.max_eval_tokens=2048 data.cache_dir={token_cache}"
+    stdout = run_script("bench_train.py", "--mechanisms", "full", *TINY_TRAIN, "--loop", "--loop-steps", "30",
+                        "--loop-overrides", overrides)
+    rows = {row[0]: row for row in table_rows(stdout)}
+    assert {"full", "bare step of the loop's model", "python -m attn_lm.train"} <= set(rows)
+    assert rows["bare step of the loop's model"][2] != rows["full"][2]  # other vocabulary, other parameter count
+    assert "training loop step time" in stdout
 
 
 def test_pattern_density_counts_rows_in_chunks(monkeypatch):
