@@ -46,8 +46,9 @@ class MaskPattern:
         return ok
 
     def dense(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
-        """Boolean ``[Tq, S]`` mask for query positions ``q_pos`` and key positions ``kv_pos``."""
-        return self(q_pos[:, None], kv_pos[None, :])
+        """Boolean ``[..., Tq, S]`` mask for query positions ``q_pos [..., Tq]`` and key positions
+        ``kv_pos [..., S]`` (leading dims broadcast: per-row positions when decoding a batch)."""
+        return self(q_pos[..., :, None], kv_pos[..., None, :])
 
     @property
     def mask_mod(self):
