@@ -274,14 +274,15 @@ def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empt
     is ``k, v [B, Hkv, S_i, D]`` with an additive bias broadcastable to ``[B, H, T, S_i]``
     (``-inf`` = masked). Parts avoid copying a cache into a concatenation (ring buffer + new keys,
     current chunk + summaries). Shared key/value heads are grouped with their query heads, never
-    repeated, so a step reads each cached byte once. Scores and softmax in float32. Time
+    repeated, so a step reads each cached byte once. Scores and softmax in at least float32. Time
     ``O(T S D)`` per head. ``empty_rows``: rows with no allowed key (possible with user masks)
     give zeros instead of NaN.
     """
     B, H, T, D = q.shape
     n_kv = parts[0][0].shape[1]
     rows = q.reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
-    scores = torch.cat([(rows @ k.transpose(-2, -1)).view(B, H, T, -1).float() / math.sqrt(D) + bias
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.cat([(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(compute) / math.sqrt(D) + bias
                         for k, _, bias in parts], dim=-1)
     empty = torch.isneginf(scores).all(-1, keepdim=True) if empty_rows else None
     if empty is not None:

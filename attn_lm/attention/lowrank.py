@@ -133,10 +133,11 @@ class ChunkedLowRankAttention(Attention):
         cache.write(k, v, pos)
         chunk = torch.div(pos, C, rounding_mode="floor")
         own_pos = chunk * C + torch.arange(C, device=q.device)
-        own = torch.zeros(own_pos.shape, dtype=torch.float32, device=q.device).masked_fill(own_pos > pos, float("-inf"))
+        dtype = torch.promote_types(q.dtype, torch.float32)  # cached_attention's score dtype
+        own = torch.zeros(own_pos.shape, dtype=dtype, device=q.device).masked_fill(own_pos > pos, float("-inf"))
         n = cache.summary_k.shape[2] // p
         owner = torch.arange(n, device=q.device).repeat_interleave(p)
-        summary = torch.where(owner >= chunk, float("-inf"), self.summary_bias(torch.float32, q.device).repeat(n))
+        summary = torch.where(owner >= chunk, float("-inf"), self.summary_bias(dtype, q.device).repeat(n))
         y = cached_attention(q, [(cache.chunk_k, cache.chunk_v, own[..., None, :]),
                                  (cache.summary_k, cache.summary_v, summary[..., None, :])])
         summary_k, summary_v = self.summarize(cache.chunk_k[:, :, None], cache.chunk_v[:, :, None])
