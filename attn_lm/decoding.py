@@ -37,11 +37,14 @@ the same cost and the same tokens as ``use_cache=False``; exact, not fast. Give
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.exc import TorchDynamoException
+from torch._dynamo.utils import counters
 
 from .cache import LayerCache
 from .sampling import check_sampling, sample_next
@@ -142,17 +145,37 @@ class Decoder:
             raise RuntimeError("Decoder.step() before prefill(): give the prompt first")
         if max(self.lengths) >= self.tokens.shape[1]:
             raise ValueError(f"this Decoder was sized for max_len={self.max_len} tokens per row; make a new one")
+        if token.stride() != (1, 1):  # e.g. a column slice: the compiled step is specialised to strides
+            token = token.clone(memory_format=torch.contiguous_format)
         pos = self.input_pos
         self.tokens.scatter_(1, pos, token)
         self.input_pos = pos + 1
         self.lengths = [n + 1 for n in self.lengths]
         if not (self.use_cache and max(self.lengths) <= self.capacity):
             return self._prefill_window()
-        if self.compile and self.device.type == "cuda":
+        if not self.compile:
+            return decode_one_token(self.model, token, pos, self.caches)
+        return self._compiled_step(token, pos)
+
+    def _compiled_step(self, token: Tensor, pos: Tensor) -> Tensor:
+        """The compiled step; if it cannot be compiled, the eager one after a one-line warning
+        with the reason (never silently). Also warns if CUDA graphs were skipped."""
+        skips = counters["inductor"]["cudagraph_skips"]
+        if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self.step_fn(self.model, token, pos, self.caches)
+        try:
+            logits = self.step_fn(self.model, token, pos, self.caches)
+        except TorchDynamoException as error:  # raised while compiling, before any cache is written
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            warnings.warn(f"the decoding step of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
+                          f"({reason}); decoding eagerly", stacklevel=3)
+            self.compile, self.step_fn = False, decode_one_token
+            return decode_one_token(self.model, token, pos, self.caches)
+        if counters["inductor"]["cudagraph_skips"] > skips:
+            warnings.warn("the compiled decoding step runs without CUDA graphs (TORCH_LOGS=perf_hints says why), "
+                          "one launch per kernel", stacklevel=3)
         # A CUDA graph's output lives in its static pool and is overwritten by the next replay.
-        return logits.clone() if self.compile else logits
+        return logits.clone()
 
     def _prefill_window(self) -> Tensor:
         """Prefill each row's last ``max_context`` tokens, into the caches while the next token

@@ -95,6 +95,20 @@ def test_inductor_compiled_step_equals_eager():
                                rtol=0, atol=0)
 
 
+def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
+    def uncompilable(fn, **kwargs):
+        def step(*args):
+            raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
+        return step
+
+    monkeypatch.setattr(torch, "compile", uncompilable)
+    model = tiny_gpt("local")
+    prompt = torch.randint(0, V, (2, 4))
+    with pytest.warns(UserWarning, match=r"step of local cannot be compiled \(an op Dynamo cannot trace\); decoding eager"):
+        compiled = model.generate(prompt, 6, temperature=0, compile=True)
+    torch.testing.assert_close(compiled, model.generate(prompt, 6, temperature=0), rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
 @pytest.mark.parametrize("name", NAMES)
