@@ -195,8 +195,10 @@ class Decoder:
             self.caches = self.model.new_caches(batch, self.capacity)
             self.caches_batch = batch
             if self.compile:
-                for tensor in (t for cache in self.caches for t in cache.tensors()):
-                    torch._dynamo.mark_static_address(tensor)  # CUDA graphs write them in place
+                # Buffers the graph writes in place (and fixed ones such as KV positions) keep one
+                # address, so CUDA graphs read and write them directly instead of copying them.
+                for tensor in (t for cache in self.caches for t in vars(cache).values() if isinstance(t, Tensor)):
+                    torch._dynamo.mark_static_address(tensor)
         return self.caches
 
     def cache_nbytes(self) -> int:

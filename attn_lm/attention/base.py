@@ -245,11 +245,13 @@ class SoftmaxAttention(Attention):
         return bias if self.alibi is None else bias + self.alibi.bias(q_pos, kv_pos, dtype)
 
     def step_bias(self, q_pos: Tensor, kv_pos: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-        """Additive bias of a decoding step over cache slots at positions ``kv_pos [b, 1, S]``:
-        :meth:`score_bias`, and only slots already written (positions up to the step's last;
-        a non-causal layer too sees only the tokens that exist so far)."""
+        """Additive bias of a decoding step over cache slots at positions ``kv_pos [b, 1, S]``, in
+        the scores' dtype for queries of ``dtype``: :meth:`score_bias`, and only slots already
+        written (positions up to the step's last; a non-causal layer too sees only the tokens
+        that exist so far)."""
         written = kv_pos[..., None, :] <= q_pos[..., -1:, None]
-        bias = self.score_bias(q_pos, kv_pos, None if mask is None else mask_columns(mask, kv_pos), dtype)
+        mask = None if mask is None else mask_columns(mask, kv_pos)
+        bias = self.score_bias(q_pos, kv_pos, mask, score_dtype(dtype))
         return bias.masked_fill(~written, float("-inf"))
 
     def attend_step(self, q, k, v, pos, cache, mask):
@@ -269,6 +271,12 @@ def mask_columns(mask: Tensor, kv_pos: Tensor) -> Tensor:
     return mask.gather(-1, index.expand(batch, mask.shape[1], mask.shape[2], index.shape[-1]))
 
 
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of decoding scores and their biases: at least float32 (a bf16 ALiBi bias of a distant
+    key, or a bf16 softmax over thousands of keys, would lose the digits that matter)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empty_rows: bool = False) -> Tensor:
     """Softmax attention of ``q [B, H, T, D]`` over several key sets as if concatenated: each part
     is ``k, v [B, Hkv, S_i, D]`` with an additive bias broadcastable to ``[B, H, T, S_i]``
@@ -281,8 +289,7 @@ def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empt
     B, H, T, D = q.shape
     n_kv = parts[0][0].shape[1]
     rows = q.reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
-    compute = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.cat([(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(compute) / math.sqrt(D) + bias
+    scores = torch.cat([(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)) / math.sqrt(D) + bias
                         for k, _, bias in parts], dim=-1)
     empty = torch.isneginf(scores).all(-1, keepdim=True) if empty_rows else None
     if empty is not None:

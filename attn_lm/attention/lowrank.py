@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import ChunkSummaryCache
-from .base import Attention, cached_attention
+from .base import Attention, cached_attention, score_dtype
 from .factory import register
 from .functional import reference_attention
 
@@ -133,7 +133,7 @@ class ChunkedLowRankAttention(Attention):
         cache.write(k, v, pos)
         chunk = torch.div(pos, C, rounding_mode="floor")
         own_pos = chunk * C + torch.arange(C, device=q.device)
-        dtype = torch.promote_types(q.dtype, torch.float32)  # cached_attention's score dtype
+        dtype = score_dtype(q.dtype)
         own = torch.zeros(own_pos.shape, dtype=dtype, device=q.device).masked_fill(own_pos > pos, float("-inf"))
         n = cache.summary_k.shape[2] // p
         owner = torch.arange(n, device=q.device).repeat_interleave(p)
