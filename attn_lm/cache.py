@@ -63,6 +63,10 @@ class KVCache(LayerCache):
     def tensors(self) -> list[Tensor]:
         return [self.k, self.v]
 
+    def key_positions(self) -> Tensor:
+        """Position of every slot, ``[1, 1, max_len]`` (masks decide which are written)."""
+        return self.positions.view(1, 1, -1)
+
     def prefill(self, k: Tensor, v: Tensor, lengths: Tensor) -> None:
         if k.shape[2] > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot prefill {k.shape[2]}")
@@ -82,8 +86,9 @@ class SlidingWindowCache(LayerCache):
     ``num_global + (p - num_global) % window``; ``positions [B, slots]`` records each slot's
     absolute position per row (``-1`` = empty, which every
     :class:`~attn_lm.attention.masks.MaskPattern` masks). Slots are therefore not in position
-    order: whoever attends must use :attr:`positions`. A step must attend over the slots *before*
-    :meth:`write` (its first query may need the key that its last token's write replaces).
+    order: whoever attends must use :attr:`positions`. A step of several tokens must attend over
+    the slots *before* :meth:`write` (its first query may need a key that a later token's write
+    replaces); a one-token step may write first (it replaces position ``p - window``, out of reach).
     """
 
     def __init__(self, batch: int, n_kv_heads: int, window: int, head_dim: int,
@@ -97,6 +102,10 @@ class SlidingWindowCache(LayerCache):
 
     def tensors(self) -> list[Tensor]:
         return [self.k, self.v, self.positions]
+
+    def key_positions(self) -> Tensor:
+        """Position of every slot per row, ``[B, 1, slots]`` (``-1`` = empty)."""
+        return self.positions[:, None, :]
 
     def slot(self, pos: Tensor) -> Tensor:
         g = self.num_global

@@ -249,15 +249,15 @@ class SoftmaxAttention(Attention):
         the scores' dtype for queries of ``dtype``: :meth:`score_bias`, and only slots already
         written (positions up to the step's last; a non-causal layer too sees only the tokens
         that exist so far)."""
-        written = kv_pos[..., None, :] <= q_pos[..., -1:, None]
-        mask = None if mask is None else mask_columns(mask, kv_pos)
-        bias = self.score_bias(q_pos, kv_pos, mask, score_dtype(dtype))
-        return bias.masked_fill(~written, float("-inf"))
+        allowed = self.pattern.dense(q_pos, kv_pos) & (kv_pos[..., None, :] <= q_pos[..., -1:, None])
+        bias = combine_custom_mask(allowed, None if mask is None else mask_columns(mask, kv_pos), score_dtype(dtype))
+        return bias if self.alibi is None else bias + self.alibi.bias(q_pos, kv_pos, score_dtype(dtype))
 
     def attend_step(self, q, k, v, pos, cache, mask):
+        """Write the new keys at ``pos``, then attend over every slot of the cache."""
         cache.write(k, v, pos)
-        kv_pos = cache.positions.view(1, 1, -1)
-        return cached_attention(q, [(cache.k, cache.v, self.step_bias(pos, kv_pos, mask, q.dtype))], mask is not None)
+        bias = self.step_bias(pos, cache.key_positions(), mask, q.dtype)
+        return cached_attention(q, [(cache.k, cache.v, bias)], mask is not None)
 
 
 def mask_columns(mask: Tensor, kv_pos: Tensor) -> Tensor:
@@ -288,9 +288,9 @@ def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empt
     """
     B, H, T, D = q.shape
     n_kv = parts[0][0].shape[1]
-    rows = q.reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
-    scores = torch.cat([(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)) / math.sqrt(D) + bias
-                        for k, _, bias in parts], dim=-1)
+    rows = (q / math.sqrt(D)).reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
+    pieces = [(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)) + bias for k, _, bias in parts]
+    scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
     empty = torch.isneginf(scores).all(-1, keepdim=True) if empty_rows else None
     if empty is not None:
         scores = scores.masked_fill(empty, 0.0)

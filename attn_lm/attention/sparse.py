@@ -53,9 +53,11 @@ class _BoundedLookbackAttention(SoftmaxAttention):
         return SlidingWindowCache(batch, self.n_kv_heads, window, self.head_dim, dtype, device, num_global)
 
     def attend_step(self, q, k, v, pos, cache, mask):
-        # Attend over the ring as it was, plus the new keys, then store them: the write may
-        # replace a key that this step's earlier queries still see.
-        ring_pos = cache.positions[:, None, :]
+        if q.shape[2] == 1:  # its write replaces position pos - window, which the query does not see
+            return super().attend_step(q, k, v, pos, cache, mask)
+        # Several tokens: attend over the ring as it was, plus the new keys, then store them (a
+        # write may replace a key that an earlier query of the step still sees).
+        ring_pos = cache.key_positions()
         parts = [(cache.k, cache.v, self.step_bias(pos, ring_pos, mask, q.dtype)),
                  (k, v, self.step_bias(pos, pos, mask, q.dtype))]
         y = cached_attention(q, parts, mask is not None)
