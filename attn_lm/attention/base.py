@@ -6,7 +6,7 @@ then only describe their mask pattern) and implements up to four methods on head
 
 * ``attend``            — the full-sequence fast path (fused kernels where they exist);
 * ``attend_reference``  — the explicit, readable form the fast path is tested against;
-* ``new_cache`` / ``prefill`` / ``attend_step`` — incremental decoding with the family's own
+* ``make_cache`` / ``prefill`` / ``attend_step`` — incremental decoding with the family's own
   fixed-size cache (:mod:`attn_lm.cache`): ``prefill`` runs a prompt through the fast path and
   stores it; ``attend_step`` decodes at explicit positions ``pos [b, 1, T]`` (a device tensor,
   per row when a batch holds prompts of different lengths) with fixed shapes, so the step can be
@@ -156,6 +156,8 @@ class Attention(nn.Module):
                 f"attention_type {self.name!r} is self-attention and takes no context; use attention_type='cross'"
             )
         B, T, _ = x.shape
+        if input_pos is None:  # a decoding step's positions were checked when its cache was sized
+            self.check_length(T)
         q, k, v = self.project(x, context)
         # A causal cross layer reads an aligned stream (context position j is visible from query
         # i >= j), so it caches like self-attention; a non-causal one re-reads a fixed memory.
@@ -197,8 +199,18 @@ class Attention(nn.Module):
                          mask: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def check_length(self, end: int) -> None:
+        """Raise unless positions ``0 .. end - 1`` are defined for this mechanism (default: all).
+        Called with host ints -- a sequence's length, a decoding cache's size -- so no step has to
+        read positions back from the device."""
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> LayerCache:
-        """A preallocated cache for decoding positions ``0 .. max_len - 1`` (default: full K/V)."""
+        """A preallocated cache for decoding positions ``0 .. max_len - 1`` (:meth:`make_cache`)."""
+        self.check_length(max_len)
+        return self.make_cache(batch, max_len, dtype, device)
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> LayerCache:
+        """The family's cache (default: full K/V)."""
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: LayerCache, mask: Optional[Tensor],

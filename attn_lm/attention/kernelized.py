@@ -84,7 +84,7 @@ class KernelizedAttention(Attention):
         allowed = MaskPattern(causal=self.config.causal).dense(q_pos, kv_pos)
         return quadratic_linear_attention(qf, kf, vf, combine_custom_mask(allowed, mask, qf.dtype)).to(v.dtype)
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         """Running sums ``(S, z)``; ``max_len`` is not needed (the state does not grow)."""
         return RecurrentStateCache(batch, self.n_heads, self.feature_dim, self.head_dim,
                                    torch.promote_types(dtype, torch.float32), device)
@@ -239,23 +239,12 @@ class CosFormerAttention(KernelizedAttention):
         return 2 * self.head_dim
 
     def check_length(self, end: int) -> None:
-        """Raise unless positions ``0 .. end - 1`` are below ``M``. Checked from Python ints (the
-        sequence length, or a decoding cache's size), so the GPU never has to sync to read positions."""
         M = self.config.max_seq_len
         if end > M:
             raise ValueError(
                 f"cosformer re-weights by cos(pi/2 * (i - j) / M) with M = max_seq_len = {M}; position {end - 1} is "
                 "beyond it (the weight would turn negative). Raise max_seq_len to the longest sequence you run"
             )
-
-    def forward(self, x, context=None, mask=None, cache=None, input_pos=None, lengths=None):
-        if input_pos is None:  # decoding steps were checked when their cache was sized
-            self.check_length(x.shape[1])
-        return super().forward(x, context, mask, cache, input_pos, lengths)
-
-    def new_cache(self, batch, max_len, dtype, device):
-        self.check_length(max_len)
-        return super().new_cache(batch, max_len, dtype, device)
 
     def feature_map(self, x, pos, is_query):
         angle = (math.pi / (2 * self.config.max_seq_len)) * pos.to(x.dtype)[..., None]

@@ -104,7 +104,7 @@ class ChunkedLowRankAttention(Attention):
             return self.attend_global(q, k, v, reference=True)
         return self.attend_chunks_reference(q, k, v)
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         if not self.config.causal:
             raise ValueError(
                 f"the published non-causal {self.name} has no incremental decoding (every output depends on the "

@@ -48,7 +48,7 @@ class _BoundedLookbackAttention(SoftmaxAttention):
         stay visible from everywhere."""
         raise NotImplementedError
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         window, num_global = self.cache_span()
         return SlidingWindowCache(batch, self.n_kv_heads, window, self.head_dim, dtype, device, num_global)
 
@@ -229,22 +229,12 @@ class BigBirdAttention(SoftmaxAttention):
         return self.random_layout.shape[0] * self.opt("block_size")
 
     def check_length(self, end: int) -> None:
-        """Raise unless positions ``0 .. end - 1`` are covered (from host ints: no device sync)."""
         if end > self.covered_len:
             raise ValueError(
                 f"bigbird's random block layout covers {self.covered_len} positions (drawn for "
                 f"max_seq_len={self.config.max_seq_len}, block_size={self.opt('block_size')}) but this call "
                 f"reaches position {end - 1}; build the layer with a larger max_seq_len (GPT: block_size)"
             )
-
-    def forward(self, x, context=None, mask=None, cache=None, input_pos=None, lengths=None):
-        if input_pos is None:  # decoding steps were checked when their cache was sized
-            self.check_length(x.shape[1])
-        return super().forward(x, context, mask, cache, input_pos, lengths)
-
-    def new_cache(self, batch, max_len, dtype, device):
-        self.check_length(max_len)
-        return super().new_cache(batch, max_len, dtype, device)
 
     # The pattern must read the *current* buffer: ``.to()`` replaces it, loading a checkpoint may
     # overwrite or replace it, and block masks built from the old layout must then be dropped.
