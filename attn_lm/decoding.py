@@ -109,7 +109,7 @@ class Decoder:
         window = context_window(model, max_context)
         self.model, self.use_cache, self.window, self.max_len = model, use_cache, window, max_len
         self.capacity = min(max_len, window)
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device
         self.compile = compile
         self.step_fn: StepFn = compile_step(self.device) if compile else decode_one_token
         self.caches: list[LayerCache] = []
@@ -166,7 +166,8 @@ class Decoder:
         try:
             logits = self.step_fn(self.model, token, pos, self.caches)
         except TorchDynamoException as error:  # raised while compiling, before any cache is written
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] or type(error).__name__  # e.g. "backend='inductor' raised: <why>"
             warnings.warn(f"the decoding step of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
                           f"({reason}); decoding eagerly", stacklevel=3)
             self.compile, self.step_fn = False, decode_one_token

@@ -22,18 +22,22 @@ warm-up and the timed call, so CUDA graphs are recorded once. Three tables:
    the bytes a step reads (KV caches lose what their extra bytes explain; recurrent and windowed
    caches read the same bytes at every ``L``).
 
-Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs.
+Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs. The
+step is compiled once per (mechanism, batch, cache size): tens of seconds each on GPU, so split a
+long sweep over several calls.
 
-GPU (the issue's numbers, H200, GPT-2-small shape, bf16)::
+GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
+batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 4 kv heads)::
 
-    python scripts/bench_decode.py --device cuda --dtype bf16 --hf \\
-        --mechanisms full gqa mqa local linear cosformer performer block_sparse linformer nystrom \\
-        --batches 1 8 64 --prompt 512 --new-tokens 256 --contexts 1024 4096 16384 --steps 64
+    python scripts/bench_decode.py --hf --mechanisms full gqa mqa --contexts
+    python scripts/bench_decode.py --hf --mechanisms local linear --contexts
+    python scripts/bench_decode.py --batches --mechanisms linear cosformer performer local block_sparse
+    python scripts/bench_decode.py --batches --mechanisms full gqa mqa
 
-CPU (tiny)::
+CPU (the setting of RESULTS.md section 6: eager steps, context scaling only)::
 
-    python scripts/bench_decode.py --d-model 64 --n-layer 2 --n-heads 4 --vocab 256 \\
-        --batches 1 4 --prompt 32 --new-tokens 16 --contexts 64 256 --steps 16
+    python scripts/bench_decode.py --device cpu --eager --threads 1 --d-model 128 --n-layer 2 --n-heads 4 \\
+        --vocab 256 --position rope --batches --contexts 128 512 2048 --steps 32
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", nargs="+", default=None, help="attention types (default: every registered one)")
     p.add_argument("--options", nargs="*", default=DEFAULT_OPTIONS, metavar="MECH.OPTION=VALUE")
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 64], help="generation-table batches (none: skip it)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens of the generation table")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--contexts", nargs="*", type=int, default=[1024, 4096, 16384], help="context-scaling lengths")
@@ -69,6 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--position", default="learned", help="model.position (learned = GPT-2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eager", action="store_true", help="do not compile the decoding step (compile=false)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face GPT-2 generate (needs transformers)")
     p.add_argument("--hf-attn", nargs="+", default=["eager", "sdpa"], help="HF attn_implementation(s) to time")
@@ -189,6 +194,8 @@ def hf_rows(args: argparse.Namespace, dtype, device: torch.device) -> tuple[list
 
 def main() -> None:
     args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     options = parse_mechanism_options(args.options)

@@ -112,12 +112,12 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monk
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
 @pytest.mark.parametrize("name", NAMES)
-def test_gpu_cuda_graph_step_equals_eager_and_uncached(name):
+def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch):
     """On the GPU: the CUDA-graph step (reduce-overhead) gives the eager step's and the uncached
     forward's greedy tokens, for a batch of left-padded prompts (fp32, TF32 off, so the three paths
     compute the same numbers up to summation order)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = tiny_gpt(name).cuda()
     idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (9, 4, 6)])
     idx = idx.cuda()
