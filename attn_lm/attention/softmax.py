@@ -69,7 +69,6 @@ class SDPAAttention(SoftmaxAttention):
             ) from err
 
 
-
 @register("flash")
 class FlashAttention(SoftmaxAttention):
     """FlashAttention (Dao et al., 2022; Dao, 2023): exact attention computed tile by tile in
