@@ -67,11 +67,15 @@ def context_window(model: nn.Module, max_context: Optional[int] = None) -> int:
     return window
 
 
-def prefill(model: nn.Module, idx: Tensor, lengths: Tensor, caches: Optional[Sequence[LayerCache]] = None) -> Tensor:
+def prefill(model: nn.Module, idx: Tensor, lengths: Optional[Tensor] = None,
+            caches: Optional[Sequence[LayerCache]] = None) -> Tensor:
     """Logits ``[B, V]`` for the token after each row's prompt: ``idx [B, T]`` right-padded,
-    ``lengths [B]`` real tokens per row (device tensor). With ``caches``, they hold the prompts
-    afterwards. One forward over ``T`` positions (``O(T^2)`` or the mechanism's fast-path cost)."""
+    ``lengths [B]`` real tokens per row (device tensor; ``None``: every row has ``T``). With
+    ``caches``, they hold the prompts afterwards. One forward over ``T`` positions (``O(T^2)`` or
+    the mechanism's fast-path cost)."""
     logits = model(idx, caches=caches, lengths=lengths)
+    if lengths is None:
+        return logits[:, -1]
     return logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
 
 
@@ -187,7 +191,8 @@ class Decoder:
         index = (starts[:, None] + torch.arange(width, device=starts.device)).clamp(max=self.tokens.shape[1] - 1)
         context = self.tokens.gather(1, index)
         caches = self._caches(len(lengths)) if self.use_cache and max(self.lengths) < self.capacity else None
-        return prefill(self.model, context, torch.tensor(lengths, device=context.device), caches)
+        padded = torch.tensor(lengths, device=context.device) if min(lengths) < width else None
+        return prefill(self.model, context, padded, caches)
 
     def _caches(self, batch: int) -> list[LayerCache]:
         """The caches, allocated at the first prefill of a batch size and reused (prefill rewrites

@@ -72,6 +72,34 @@ def test_batch_of_left_padded_prompts_equals_each_row_alone(name):
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], 12, temperature=0)
         torch.testing.assert_close(batch[row, 7 - len(prompt):], alone[0], rtol=0, atol=0)
+    # The logits too, at every step: prefill and steps of the batch == each row's own decoder.
+    decoder = Decoder(model, 7 + 12)
+    logits = [decoder.prefill(idx, lengths)] + [decoder.step(batch[:, t:t + 1]) for t in range(7, 18)]
+    for row, prompt in enumerate(prompts):
+        alone = Decoder(model, len(prompt) + 12)
+        own = [alone.prefill(prompt[None])] + [alone.step(batch[row:row + 1, t:t + 1]) for t in range(7, 18)]
+        torch.testing.assert_close(torch.stack(logits)[:, row], torch.stack(own)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full", "local", "gqa", "linear", "performer"])
+def test_noncausal_layers_never_see_the_padding_of_shorter_rows(name):
+    """Non-causal layers would attend to right padding: the prefill (cached or not) masks it."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=V, block_size=32, n_layer=2, d_model=32, n_heads=4, position="learned",
+                       attention=small_config(name, causal=False))
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, V, (n,)) for n in (6, 3)]
+    idx, lengths = left_padded(prompts)
+    for use_cache in (True, False):
+        decoder = Decoder(model, 6 + 4, use_cache=use_cache)
+        first = decoder.prefill(idx, lengths)
+        second = decoder.step(first.argmax(-1, keepdim=True))
+        for row, prompt in enumerate(prompts):
+            alone = Decoder(model, len(prompt) + 4, use_cache=use_cache)
+            own = alone.prefill(prompt[None])
+            torch.testing.assert_close(first[row], own[0], rtol=1e-5, atol=1e-5)
+            own_next = alone.step(first[row:row + 1].argmax(-1, keepdim=True))
+            torch.testing.assert_close(second[row], own_next[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)

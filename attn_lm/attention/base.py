@@ -175,12 +175,20 @@ class Attention(nn.Module):
         validate_custom_mask(mask, B, self.n_heads, T, k.shape[2])
         if cache is not None:
             lengths = torch.full((B,), T, device=x.device) if lengths is None else lengths
-            y = self.prefill(q, k, v, q_pos, cache, mask, lengths)
-        elif self.use_reference:
-            y = self.attend_reference(q, k, v, q_pos, kv_pos, mask)
+            y = self.prefill(q, k, v, q_pos, cache, mask, lengths)  # each family handles the padding
         else:
-            y = self.attend(q, k, v, q_pos, kv_pos, mask)
+            mask = self.hide_padding(kv_pos, lengths, mask, q.dtype)
+            attend = self.attend_reference if self.use_reference else self.attend
+            y = attend(q, k, v, q_pos, kv_pos, mask)
         return self.project_out(y)
+
+    def hide_padding(self, kv_pos: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor],
+                     dtype: torch.dtype) -> Optional[Tensor]:
+        """``mask`` plus, for a non-causal layer, the right padding of rows shorter than ``lengths``
+        (causal queries never reach it: it comes after every real token)."""
+        if lengths is None or self.config.causal:
+            return mask
+        return combine_custom_mask((kv_pos < lengths[:, None])[:, None, None, :], mask, dtype)
 
     def project_out(self, y: Tensor) -> Tensor:
         """Heads ``[B, H, T, D]`` -> output projection and residual dropout ``[B, T, d_model]``."""
@@ -216,6 +224,7 @@ class Attention(nn.Module):
     def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: LayerCache, mask: Optional[Tensor],
                 lengths: Tensor) -> Tensor:
         """A prompt at positions ``pos = arange(T)``: the full-sequence path, then into the cache."""
+        mask = self.hide_padding(pos, lengths, mask, q.dtype)
         attend = self.attend_reference if self.use_reference else self.attend
         y = attend(q, k, v, pos, pos, mask)
         cache.prefill(k, v, lengths)
