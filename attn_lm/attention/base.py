@@ -270,8 +270,13 @@ class SoftmaxAttention(Attention):
         the scores' dtype for queries of ``dtype``: :meth:`score_bias`, and only slots already
         written (positions up to the step's last; a non-causal layer too sees only the tokens
         that exist so far)."""
-        allowed = self.pattern.dense(q_pos, kv_pos) & (kv_pos[..., None, :] <= q_pos[..., -1:, None])
-        bias = combine_custom_mask(allowed, None if mask is None else mask_columns(mask, kv_pos), score_dtype(dtype))
+        allowed = self.pattern.dense(q_pos, kv_pos)
+        if not self.config.causal:  # a causal pattern already stops at each query
+            allowed = allowed & (kv_pos[..., None, :] <= q_pos[..., -1:, None])
+        if mask is None:  # 0 / -inf: exact in any dtype, so no cast either
+            bias = torch.where(allowed, 0.0, float("-inf"))
+        else:
+            bias = combine_custom_mask(allowed, mask_columns(mask, kv_pos), score_dtype(dtype))
         return bias if self.alibi is None else bias + self.alibi.bias(q_pos, kv_pos, score_dtype(dtype))
 
     def attend_step(self, q, k, v, pos, cache, mask):
@@ -309,8 +314,9 @@ def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empt
     """
     B, H, T, D = q.shape
     n_kv = parts[0][0].shape[1]
-    rows = (q / math.sqrt(D)).reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
-    pieces = [(rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)) + bias for k, _, bias in parts]
+    rows = q.reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
+    pieces = [torch.add(bias, (rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)),
+                        alpha=1 / math.sqrt(D)) for k, _, bias in parts]
     scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
     empty = torch.isneginf(scores).all(-1, keepdim=True) if empty_rows else None
     if empty is not None:
