@@ -74,8 +74,9 @@ class KVCache(LayerCache):
         self.v[:, :, : v.shape[2]] = v
 
     def write(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        self.k.scatter_(2, _heads_index(pos, k), k)
-        self.v.scatter_(2, _heads_index(pos, v), v)
+        index = _heads_index(pos, k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
 
 
 class SlidingWindowCache(LayerCache):
@@ -130,8 +131,9 @@ class SlidingWindowCache(LayerCache):
         for t in range(k.shape[2]):
             p = pos[..., t:t + 1]
             index = self.slot(p)
-            self.k.scatter_(2, _heads_index(index, k), k[:, :, t:t + 1])
-            self.v.scatter_(2, _heads_index(index, v), v[:, :, t:t + 1])
+            heads_index = _heads_index(index, k)
+            self.k.scatter_(2, heads_index, k[:, :, t:t + 1])
+            self.v.scatter_(2, heads_index, v[:, :, t:t + 1])
             self.positions.scatter_(1, index[:, 0].expand(self.positions.shape[0], 1),
                                     p[:, 0].expand(self.positions.shape[0], 1))
 

@@ -149,8 +149,6 @@ class Decoder:
             raise RuntimeError("Decoder.step() before prefill(): give the prompt first")
         if max(self.lengths) >= self.tokens.shape[1]:
             raise ValueError(f"this Decoder was sized for max_len={self.max_len} tokens per row; make a new one")
-        if token.stride() != (1, 1):  # e.g. a column slice: the compiled step is specialised to strides
-            token = token.clone(memory_format=torch.contiguous_format)
         pos = self.input_pos
         self.tokens.scatter_(1, pos, token)
         self.input_pos = pos + 1
@@ -164,6 +162,8 @@ class Decoder:
     def _compiled_step(self, token: Tensor, pos: Tensor) -> Tensor:
         """The compiled step; if it cannot be compiled, the eager one after a one-line warning
         with the reason (never silently). Also warns if CUDA graphs were skipped."""
+        if token.stride() != (1, 1):  # e.g. a column slice: the compiled step is specialised to strides
+            token = token.clone(memory_format=torch.contiguous_format)
         skips = counters["inductor"]["cudagraph_skips"]
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()

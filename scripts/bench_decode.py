@@ -27,7 +27,7 @@ step is compiled once per (mechanism, batch, cache size): tens of seconds each o
 long sweep over several calls.
 
 GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
-batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 4 kv heads)::
+batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads)::
 
     python scripts/bench_decode.py --hf --mechanisms full gqa mqa --contexts
     python scripts/bench_decode.py --hf --mechanisms local linear --contexts
@@ -52,14 +52,11 @@ from _bench_common import DTYPES, MarkdownTable, describe_error, header, parse_m
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
 from attn_lm.decoding import Decoder
 
-#: Mechanism options the issue's measurements use (GPT-2-small shape), overridable with --options.
-DEFAULT_OPTIONS = ["local.window_size=256", "gqa.n_kv_heads=4"]
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", nargs="+", default=None, help="attention types (default: every registered one)")
-    p.add_argument("--options", nargs="*", default=DEFAULT_OPTIONS, metavar="MECH.OPTION=VALUE")
+    p.add_argument("--options", nargs="*", default=[], metavar="MECH.OPTION=VALUE",
+                   help="mechanism options (default: each mechanism's own, e.g. local window 256, gqa 2 kv heads)")
     p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 64], help="generation-table batches (none: skip it)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens of the generation table")
     p.add_argument("--new-tokens", type=int, default=256)
