@@ -27,12 +27,16 @@ step is compiled once per (mechanism, batch, cache size): tens of seconds each o
 long sweep over several calls.
 
 GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
-batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads)::
+batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Split so that each
+call compiles at most six steps (HF is timed in every generation call, for the ratio)::
 
-    python scripts/bench_decode.py --hf --mechanisms full gqa mqa --contexts
-    python scripts/bench_decode.py --hf --mechanisms local linear --contexts
-    python scripts/bench_decode.py --batches --mechanisms linear cosformer performer local block_sparse
-    python scripts/bench_decode.py --batches --mechanisms full gqa mqa
+    python scripts/bench_decode.py --hf --mechanisms full gqa --contexts
+    python scripts/bench_decode.py --hf --mechanisms mqa local --contexts
+    python scripts/bench_decode.py --hf --mechanisms linear --contexts
+    python scripts/bench_decode.py --batches --mechanisms linear cosformer
+    python scripts/bench_decode.py --batches --mechanisms performer local
+    python scripts/bench_decode.py --batches --mechanisms block_sparse full
+    python scripts/bench_decode.py --batches --mechanisms gqa mqa
 
 CPU (the setting of RESULTS.md section 6: eager steps, context scaling only)::
 
