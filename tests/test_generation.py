@@ -323,6 +323,18 @@ def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_pat
     assert result["text"] == expected[len("def f(x):"):]
     # 9 + 12 tokens > block_size = 16: the cache holds the 16-token window.
     assert result["cache_bytes"] == 2 * 1 * 2 * 16 * 8 * 4  # k+v, batch, heads, positions, head_dim, fp32
+    assert not result["compiled"]  # compile=auto compiles on GPU only
+
+
+def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    path, data = checkpoint
+    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu", *data]
+    eager = generate(compose_generate(args + ["compile=false"]))
+    result = generate(compose_generate(args + ["compile=true", "stream_every=5"]))
+    assert result["compiled"] and result["text"] == eager["text"]
+    with pytest.raises(ValueError, match="stream_every must be a positive"):
+        generate(compose_generate(args + ["stream_every=0"]))
 
 
 def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
