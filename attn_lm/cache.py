@@ -1,15 +1,27 @@
-"""Per-layer decoding caches.
+"""Per-layer decoding caches: fixed-size buffers, written at explicit positions.
 
 Each attention family keeps what its own recurrence needs, preallocated once per generation:
 
-* :class:`KVCache` — keys and values of every past token (softmax family; GQA/MQA store only
+* :class:`KVCache` — keys and values of every position (softmax family; GQA/MQA store only
   their ``n_kv_heads`` heads, so bytes per token fall by ``n_heads / n_kv_heads``);
 * :class:`SlidingWindowCache` — the first ``num_global`` tokens plus a ring buffer of the latest
   ``window`` ones (sliding-window, block-sparse and Longformer attention): bounded memory;
+* :class:`RecurrentStateCache` — the running sums of kernelized attention: constant memory;
+* :class:`ChunkSummaryCache` — summaries of completed chunks plus the current chunk (causal
+  Linformer / Nyströmformer).
 
-Other families add their own cache classes next to these (ring buffers for sliding windows,
-recurrent states for kernelized attention). Every cache exposes ``length`` (tokens consumed so
-far, i.e. the absolute position of the next token) and ``nbytes()``.
+No cache keeps a host-side length: every write takes the positions ``pos [b, 1, T]`` (``b`` is
+the batch or 1) as a device tensor, so a decoding step has the same shapes and the same host code
+at every position and can be captured once (CUDA graph). Rows of a batch may sit at different
+positions (prompts of different lengths). Two writes fill a cache:
+
+* ``prefill(k, v, lengths)`` after the first forward over a prompt that starts at position 0,
+  ``[B, Hkv, T, D]``, row ``b`` holding ``lengths[b]`` real tokens (the rest is right padding);
+* a decoding step's write at positions ``pos`` (see each class).
+
+Slots past a row's position may hold stale or padding values: attention masks them by position,
+and each is overwritten before its position is reached. Writing past the capacity given at
+construction is an index error; :class:`~attn_lm.decoding.Decoder` never does.
 """
 from __future__ import annotations
 
@@ -17,11 +29,13 @@ import torch
 from torch import Tensor
 
 
-class LayerCache:
-    """Common interface: how many tokens were consumed and how many bytes are held."""
+def _heads_index(pos: Tensor, like: Tensor) -> Tensor:
+    """Slot indices ``pos [b, 1, T]`` expanded to ``like``'s ``[B, H, T, D]`` for ``scatter_``/``gather``."""
+    return pos[..., None].expand(like.shape[0], like.shape[1], pos.shape[-1], like.shape[-1])
 
-    def __init__(self) -> None:
-        self.length = 0
+
+class LayerCache:
+    """Common interface: the bytes held (``nbytes``)."""
 
     def tensors(self) -> list[Tensor]:
         return []
@@ -31,80 +45,97 @@ class LayerCache:
 
 
 class KVCache(LayerCache):
-    """Keys/values of all past tokens, preallocated to ``max_len`` positions.
+    """Keys/values of positions ``0 .. max_len - 1``; position ``p`` lives in slot ``p``.
 
-    ``append`` writes new keys/values at ``[length, length + T)`` and returns views of everything
-    stored so far with their absolute positions (``arange(length + T)``).
+    A step writes its keys at ``pos`` and attends over all ``max_len`` slots with
+    :attr:`positions` (``arange(max_len)``): a fixed shape, so time per step is ``O(max_len)``
+    whatever the position (masked slots cost reads, as in gpt-fast).
     """
 
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(max_len, device=device)
         self.max_len = max_len
 
     def tensors(self) -> list[Tensor]:
         return [self.k, self.v]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to position {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        positions = torch.arange(end, device=k.device)
-        return self.k[:, :, :end], self.v[:, :, :end], positions
+    def key_positions(self) -> Tensor:
+        """Position of every slot, ``[1, 1, max_len]`` (masks decide which are written)."""
+        return self.positions.view(1, 1, -1)
+
+    def prefill(self, k: Tensor, v: Tensor, lengths: Tensor) -> None:
+        if k.shape[2] > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot prefill {k.shape[2]}")
+        self.k[:, :, : k.shape[2]] = k
+        self.v[:, :, : v.shape[2]] = v
+
+    def write(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        index = _heads_index(pos, k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
 
 
-class ChunkSummaryCache(LayerCache):
-    """Compressed memory for chunked attention (causal Linformer / Nyströmformer variants).
+class SlidingWindowCache(LayerCache):
+    """Keys/values of the first ``num_global`` tokens for good, plus the latest ``window`` later
+    tokens in a ring buffer: ``O(num_global + window)`` memory however long decoding runs.
 
-    Holds the ``summary_len`` summary keys/values of every *completed* chunk of ``chunk_size``
-    tokens, plus the raw keys/values of the chunk being filled: at most
-    ``chunk_size + (max_len // chunk_size) * summary_len`` positions instead of ``max_len``.
+    Position ``p`` lives in slot ``p`` if ``p < num_global``, else in ring slot
+    ``num_global + (p - num_global) % window``; ``positions [B, slots]`` records each slot's
+    absolute position per row (``-1`` = empty, which every
+    :class:`~attn_lm.attention.masks.MaskPattern` masks). Slots are therefore not in position
+    order: whoever attends must use :attr:`positions`. A step of several tokens must attend over
+    the slots *before* :meth:`write` (its first query may need a key that a later token's write
+    replaces); a one-token step may write first (it replaces position ``p - window``, out of reach).
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, chunk_size: int,
-                 summary_len: int, dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        memory = (batch, n_kv_heads, (max_len // chunk_size) * summary_len, head_dim)
-        chunk = (batch, n_kv_heads, chunk_size, head_dim)
-        self.summary_k = torch.zeros(memory, dtype=dtype, device=device)
-        self.summary_v = torch.zeros(memory, dtype=dtype, device=device)
-        self.chunk_k = torch.zeros(chunk, dtype=dtype, device=device)
-        self.chunk_v = torch.zeros(chunk, dtype=dtype, device=device)
-        self.max_len, self.chunk_size, self.n_summaries = max_len, chunk_size, 0
+    def __init__(self, batch: int, n_kv_heads: int, window: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, num_global: int = 0):
+        slots = num_global + window
+        shape = (batch, n_kv_heads, slots, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.window, self.num_global = window, num_global
 
     def tensors(self) -> list[Tensor]:
-        return [self.summary_k, self.summary_v, self.chunk_k, self.chunk_v]
+        return [self.k, self.v, self.positions]
 
-    def memory(self) -> tuple[Tensor, Tensor]:
-        """Summary keys/values of all completed chunks, ``[B, Hkv, n_summaries, D]``."""
-        return self.summary_k[:, :, : self.n_summaries], self.summary_v[:, :, : self.n_summaries]
+    def key_positions(self) -> Tensor:
+        """Position of every slot per row, ``[B, 1, slots]`` (``-1`` = empty)."""
+        return self.positions[:, None, :]
 
-    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The current chunk's keys/values followed by the new ``k, v``: a local sequence that
-        starts at a chunk boundary (absolute position ``length - length % chunk_size``)."""
-        if self.length + k.shape[2] > self.max_len:
-            end = self.length + k.shape[2]
-            raise ValueError(f"cache holds {self.max_len} positions; cannot append up to position {end}")
-        filled = self.length % self.chunk_size
-        return torch.cat([self.chunk_k[:, :, :filled], k], 2), torch.cat([self.chunk_v[:, :, :filled], v], 2)
+    def slot(self, pos: Tensor) -> Tensor:
+        g = self.num_global
+        return torch.where(pos < g, pos, g + (pos - g) % self.window)
 
-    def commit(self, k_local: Tensor, v_local: Tensor, summary_k: Tensor, summary_v: Tensor) -> None:
-        """After attending over ``extend``'s local sequence: store the summaries of the chunks it
-        completed and keep its trailing partial chunk as the current chunk."""
-        start, end = self.n_summaries, self.n_summaries + summary_k.shape[2]
-        self.summary_k[:, :, start:end] = summary_k
-        self.summary_v[:, :, start:end] = summary_v
-        self.n_summaries = end
-        rest = k_local.shape[2] % self.chunk_size
-        self.chunk_k[:, :, :rest] = k_local[:, :, k_local.shape[2] - rest:]
-        self.chunk_v[:, :, :rest] = v_local[:, :, v_local.shape[2] - rest:]
-        self.length += k_local.shape[2] - self.length % self.chunk_size
+    def prefill(self, k: Tensor, v: Tensor, lengths: Tensor) -> None:
+        """Each slot takes, per row, the latest prompt position that maps to it (``-1`` if none)."""
+        g, w = self.num_global, self.window
+        slot = torch.arange(self.positions.shape[1], device=k.device)
+        last = lengths[:, None] - 1
+        ring = g + (slot - g) + w * torch.div(last - slot, w, rounding_mode="floor")  # <= last, in the slot
+        pos = torch.where(slot < g, slot, ring)
+        pos = torch.where((pos <= last) & (pos >= torch.where(slot < g, 0, g)), pos, -1)  # [B, slots]
+        index = _heads_index(pos.clamp(min=0)[:, None], k)
+        self.k.copy_(k.gather(2, index))
+        self.v.copy_(v.gather(2, index))
+        self.positions.copy_(pos)
+
+    def write(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Store tokens one position at a time, so that of several tokens mapping to one slot the
+        latest wins (a single scatter with repeated indices has no defined winner)."""
+        for t in range(k.shape[2]):
+            p = pos[..., t:t + 1]
+            index = self.slot(p)
+            heads_index = _heads_index(index, k)
+            self.k.scatter_(2, heads_index, k[:, :, t:t + 1])
+            self.v.scatter_(2, heads_index, v[:, :, t:t + 1])
+            self.positions.scatter_(1, index[:, 0].expand(self.positions.shape[0], 1),
+                                    p[:, 0].expand(self.positions.shape[0], 1))
 
 
 class RecurrentStateCache(LayerCache):
@@ -112,12 +143,12 @@ class RecurrentStateCache(LayerCache):
     ``kv = sum_j phi(k_j) v_j^T [B, H, F, D]`` and ``k_sum = sum_j phi(k_j) [B, H, F]``.
 
     ``O(F D)`` per head whatever the number of tokens consumed, so ``nbytes()`` is constant in the
-    generated length (the attention analogue of an RNN hidden state).
+    generated length (the attention analogue of an RNN hidden state). Positions only enter
+    through the features (cosFormer), so the cache itself needs none.
     """
 
     def __init__(self, batch: int, n_heads: int, feature_dim: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
         self.kv = torch.zeros(batch, n_heads, feature_dim, head_dim, dtype=dtype, device=device)
         self.k_sum = torch.zeros(batch, n_heads, feature_dim, dtype=dtype, device=device)
 
@@ -127,53 +158,61 @@ class RecurrentStateCache(LayerCache):
     def state(self) -> tuple[Tensor, Tensor]:
         return self.kv, self.k_sum
 
-    def update(self, state: tuple[Tensor, Tensor], n_tokens: int) -> None:
-        """Store the sums after ``n_tokens`` more tokens (in place: the buffers are reused)."""
+    def update(self, state: tuple[Tensor, Tensor]) -> None:
+        """Store the sums (in place: the buffers keep their addresses)."""
         self.kv.copy_(state[0])
         self.k_sum.copy_(state[1])
-        self.length += n_tokens
 
 
-class SlidingWindowCache(LayerCache):
-    """Keys/values of the first ``num_global`` tokens for good, plus the latest ``window`` later
-    tokens in a ring buffer: ``O(num_global + window)`` memory however long decoding runs.
+class ChunkSummaryCache(LayerCache):
+    """Compressed memory for chunked attention (causal Linformer / Nyströmformer variants).
 
-    Position ``p`` lives in slot ``p`` if ``p < num_global``, else in ring slot
-    ``num_global + (p - num_global) % window``; ``positions`` records each slot's absolute position
-    (``-1`` = empty, which every :class:`~attn_lm.attention.masks.MaskPattern` masks). Slots are
-    therefore not in position order: whoever attends must use the returned positions.
-
-    ``append`` returns every stored slot followed by the new keys, *then* stores the new ones, so a
-    multi-token step (prefill) still sees the oldest keys of its first query's window. The caller's
-    pattern masks what each query may not see; it must look back at most ``window`` positions
-    (beyond the global ones) for the result to be exact.
+    ``summary_k/v [B, Hkv, n p, D]``: the ``p = summary_len`` summaries of chunk ``c`` in slots
+    ``[c p, (c + 1) p)``, ``n = ceil(max_len / chunk_size)``; ``chunk_k/v [B, Hkv, C, D]``: the raw
+    keys/values of the chunk being filled, position ``p`` in slot ``p % C``. Chunk ``c``'s summary
+    slots are rewritten at every step inside chunk ``c`` (a fixed-shape step has no branch) and
+    read only by later chunks, i.e. once the chunk is complete: ``C + n p`` positions instead of
+    ``max_len``.
     """
 
-    def __init__(self, batch: int, n_kv_heads: int, window: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, num_global: int = 0):
-        super().__init__()
-        slots = num_global + window
-        shape = (batch, n_kv_heads, slots, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.positions = torch.full((slots,), -1, dtype=torch.long, device=device)
-        self.window, self.num_global = window, num_global
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, chunk_size: int,
+                 summary_len: int, dtype: torch.dtype, device: torch.device | str):
+        memory = (batch, n_kv_heads, -(-max_len // chunk_size) * summary_len, head_dim)
+        chunk = (batch, n_kv_heads, chunk_size, head_dim)
+        self.summary_k = torch.zeros(memory, dtype=dtype, device=device)
+        self.summary_v = torch.zeros(memory, dtype=dtype, device=device)
+        self.chunk_k = torch.zeros(chunk, dtype=dtype, device=device)
+        self.chunk_v = torch.zeros(chunk, dtype=dtype, device=device)
+        self.chunk_size, self.summary_len = chunk_size, summary_len
 
     def tensors(self) -> list[Tensor]:
-        return [self.k, self.v, self.positions]
+        return [self.summary_k, self.summary_v, self.chunk_k, self.chunk_v]
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        start, end = self.length, self.length + k.shape[2]
-        g = self.num_global
-        k_all = torch.cat([self.k, k], dim=2)
-        v_all = torch.cat([self.v, v], dim=2)
-        kv_pos = torch.cat([self.positions, torch.arange(start, end, device=k.device)])
-        # Of the new tokens, keep the global ones and the latest `window` others (one per slot).
-        kept = torch.tensor([*range(start, min(end, g)), *range(max(start, g, end - self.window), end)],
-                            dtype=torch.long, device=k.device)
-        slots = torch.where(kept < g, kept, g + (kept - g) % self.window)
-        self.k[:, :, slots] = k[:, :, kept - start]
-        self.v[:, :, slots] = v[:, :, kept - start]
-        self.positions[slots] = kept
-        self.length = end
-        return k_all, v_all, kv_pos
+    def prefill(self, k: Tensor, v: Tensor, summary_k: Tensor, summary_v: Tensor, lengths: Tensor) -> None:
+        """Store the summaries of the prompt's complete chunks and, per row, the raw keys of the
+        chunk holding its next position (slots past the row's length are padding, masked)."""
+        if summary_k.shape[2] > self.summary_k.shape[2]:
+            raise ValueError(f"cache holds {self.summary_k.shape[2] // self.summary_len} chunks; "
+                             f"cannot prefill {summary_k.shape[2] // self.summary_len}")
+        self.summary_k[:, :, : summary_k.shape[2]] = summary_k
+        self.summary_v[:, :, : summary_v.shape[2]] = summary_v
+        C = self.chunk_size
+        start = torch.div(lengths, C, rounding_mode="floor") * C
+        pos = (start[:, None] + torch.arange(C, device=k.device)).clamp(max=k.shape[2] - 1)
+        index = _heads_index(pos[:, None], self.chunk_k)
+        self.chunk_k.copy_(k.gather(2, index))
+        self.chunk_v.copy_(v.gather(2, index))
+
+    def write(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Store one token per row (``pos [b, 1, 1]``) in the current chunk."""
+        index = _heads_index(pos % self.chunk_size, k)
+        self.chunk_k.scatter_(2, index, k)
+        self.chunk_v.scatter_(2, index, v)
+
+    def write_summary(self, summary_k: Tensor, summary_v: Tensor, pos: Tensor) -> None:
+        """Store the current chunk's summaries ``[B, Hkv, p, D]`` in chunk ``pos // C``'s slots."""
+        p = self.summary_len
+        slots = torch.div(pos, self.chunk_size, rounding_mode="floor") * p + torch.arange(p, device=pos.device)
+        index = _heads_index(slots, summary_k)
+        self.summary_k.scatter_(2, index, summary_k)
+        self.summary_v.scatter_(2, index, summary_v)

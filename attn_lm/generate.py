@@ -3,9 +3,11 @@
 
 The tokenizer is rebuilt by the data module of the training preset (same source and tokenizer
 settings give the same vocabulary; a mismatch with the checkpoint is an error). Decoding uses
-:class:`attn_lm.sampling.Decoder` (prefill, then one cached step per token); stdout gets only
-the text (prompt, then continuation), stderr gets warnings and the summary: prefill time, decode
-tokens/s and the bytes held by the decoding caches.
+:class:`attn_lm.decoding.Decoder` (prefill, then one cached step per token; on GPU the step is
+one compiled CUDA graph unless ``compile=false``); tokens stay on the device and are read every
+``stream_every`` steps to stream the text. stdout gets only the text (prompt, then
+continuation), stderr gets warnings and the summary: first-token time, decode tokens/s and the
+bytes held by the decoding caches.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from omegaconf import DictConfig
 from .configure import CONF_DIR
 from .data import Tokenizer
 from .lit_module import LitGPT
-from .sampling import Decoder, context_window
+from .decoding import Decoder, context_window
 
 log = logging.getLogger(__name__)
 
@@ -88,31 +90,45 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
                          f"{model.config.vocab_size}; use the data preset and tokenizer settings of the training run")
     max_new = int(cfg.max_new_tokens)
     prompt = encode_prompt(tokenizer, str(cfg.prompt), context_window(model, cfg.max_context), bool(cfg.strict_prompt))
-    decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context)
+    compiled = device.type == "cuda" if str(cfg.compile) == "auto" else bool(cfg.compile)
+    decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context, compile=compiled)
     generator = torch.Generator(device).manual_seed(int(cfg.seed))
     stream = TextStream(tokenizer, out or sys.stdout)
     stream.add(prompt)
+    every = int(cfg.stream_every)
+    if every < 1:
+        raise ValueError(f"stream_every must be a positive number of tokens, got {every}")
     start = time.perf_counter()
-    times = []
-    for token in decoder.stream(torch.tensor([prompt], device=device), max_new, float(cfg.temperature), cfg.top_k,
-                                cfg.top_p, generator):
-        stream.add(token[0].tolist())  # .tolist() waits for the device: the times are real
-        times.append(time.perf_counter())
+    pending, reads = [], []  # device tokens not yet read; (tokens so far, time) at each read
+    for i, token in enumerate(decoder.stream(torch.tensor([prompt], device=device), max_new,
+                                             float(cfg.temperature), cfg.top_k, cfg.top_p, generator)):
+        pending.append(token)
+        if i == 0 or len(pending) == every or i + 1 == max_new:
+            stream.add(torch.cat(pending, 1)[0].tolist())  # .tolist() waits for the device: the times are real
+            pending = []
+            reads.append((i + 1, time.perf_counter()))
     stream.add([], final=True)
     stream.out.write("\n")
+    reads = reads or [(0, start)]
+    # A compiled step compiles and records its CUDA graph in the first steps after the first
+    # token: the rate is taken after that block, the block's time is reported as the warm-up.
+    (_, t_first), (n_base, t_base), (n_last, t_last) = reads[0], reads[1 if compiled and len(reads) > 2 else 0], reads[-1]
     result = {
         "prompt_tokens": len(prompt),
         "new_tokens": max_new,
         "text": tokenizer.decode(stream.ids[len(prompt):]),
-        "first_token_s": times[0] - start if times else 0.0,
-        "decode_tokens_per_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
+        "first_token_s": t_first - start,
+        "warmup_s": t_base - t_first,
+        "decode_tokens_per_s": (n_last - n_base) / (t_last - t_base) if n_last > n_base else float("nan"),
         "cache_bytes": decoder.cache_nbytes(),
         "attention": model.layer_types,
         "device": str(device),
+        "compiled": compiled,
     }
     print(f"[attn_lm] {len(prompt)} prompt + {max_new} new tokens | first token {result['first_token_s'] * 1e3:.1f} ms | "
-          f"decode {result['decode_tokens_per_s']:,.1f} tokens/s | cache {result['cache_bytes'] / 2**20:.3f} MiB "
-          f"({result['cache_bytes']:,} bytes, use_cache={bool(cfg.use_cache)}) | {device}", file=sys.stderr)
+          f"decode {result['decode_tokens_per_s']:,.1f} tokens/s (after a {result['warmup_s']:.1f} s warm-up) | cache {result['cache_bytes'] / 2**20:.3f} MiB "
+          f"({result['cache_bytes']:,} bytes, use_cache={bool(cfg.use_cache)}) | {device}, "
+          f"{'compiled step' if compiled else 'eager step'}", file=sys.stderr)
     return result
 
 

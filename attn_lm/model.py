@@ -15,7 +15,7 @@ from .attention import AttentionFactory
 from .cache import LayerCache
 from .config import AttentionConfig, GPTConfig
 from .positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
-from .sampling import Decoder
+from .decoding import Decoder
 
 
 class MLP(nn.Module):
@@ -66,8 +66,9 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(d, mlp, mlp_ratio, bias, dropout)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                cache: Optional[LayerCache] = None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), context=context, mask=mask, cache=cache)
+                cache: Optional[LayerCache] = None, input_pos: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), context=context, mask=mask, cache=cache, input_pos=input_pos, lengths=lengths)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -75,7 +76,10 @@ class GPT(nn.Module):
     """Decoder-only language model.
 
     ``model(idx)`` -> logits ``[B, T, V]``; ``model(idx, targets)`` -> ``(logits, loss)`` with
-    ``targets == -1`` ignored. ``caches`` (from :meth:`new_caches`) run incremental decoding.
+    ``targets == -1`` ignored. ``caches`` (from :meth:`new_caches`) run incremental decoding:
+    ``model(prompt, caches=caches, lengths=lengths)`` prefills positions ``0 .. T-1`` (``lengths``:
+    real tokens per row of a right-padded batch), then ``model(token, caches=caches,
+    input_pos=pos)`` is one step at the explicit positions ``pos`` (``[T]`` or per row ``[B, T]``).
     Layers whose attention reads a context (``cross``) get the token+position embedding stream.
     """
 
@@ -139,26 +143,32 @@ class GPT(nn.Module):
 
     def new_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
                    device: Optional[torch.device] = None) -> list[LayerCache]:
-        """One preallocated decoding cache per layer, each in its mechanism's own form."""
+        """One preallocated decoding cache per layer for positions ``0 .. max_len - 1``, each in its
+        mechanism's own form. Positions are checked here, on the host, not at every step."""
+        if isinstance(self.wpe, LearnedPositionalEmbedding):
+            self.wpe.check_range(max_len)
         ref = self.wte.weight
         return [block.attn.new_cache(batch, max_len, dtype or ref.dtype, device or ref.device) for block in self.blocks]
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                caches: Optional[Sequence[LayerCache]] = None):
+                caches: Optional[Sequence[LayerCache]] = None, input_pos: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None):
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape [B, T], got {tuple(idx.shape)}")
         T = idx.shape[1]
-        offset = caches[0].length if caches else 0
         x = self.wte(idx)
-        if isinstance(self.wpe, LearnedPositionalEmbedding):
-            self.wpe.check_range(offset + T)
+        if input_pos is not None and not caches:
+            raise ValueError("input_pos places a decoding step in its caches; pass caches=model.new_caches(...)")
+        if input_pos is None and isinstance(self.wpe, LearnedPositionalEmbedding):
+            self.wpe.check_range(T)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(offset, offset + T, device=idx.device))
+            x = x + self.wpe(torch.arange(T, device=idx.device) if input_pos is None else input_pos)
         x = self.drop(x)
         stream = x
         for i, block in enumerate(self.blocks):
             context = stream if block.attn.uses_context else None
-            x = block(x, context=context, mask=mask, cache=caches[i] if caches else None)
+            x = block(x, context=context, mask=mask, cache=caches[i] if caches else None, input_pos=input_pos,
+                      lengths=lengths)
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits
@@ -170,18 +180,22 @@ class GPT(nn.Module):
 
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
-                 max_context: Optional[int] = None) -> Tensor:
+                 max_context: Optional[int] = None, prompt_lengths: Optional[Sequence[int]] = None,
+                 compile: bool = False) -> Tensor:
         """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
         ``temperature = 0`` is greedy decoding; otherwise tokens are drawn from
         ``softmax(logits / temperature)`` after the ``top_k`` / nucleus ``top_p`` filters, with
         ``generator`` as the random source. ``use_cache`` prefills the prompt into
         :meth:`new_caches` and then feeds one token per step; without it every step re-runs the
-        whole context. Both give the same tokens. The model conditions on the last
-        ``max_context`` tokens (default ``block_size``); once a cache holds that many, each step
-        rebuilds it from the cropped window (see :mod:`attn_lm.sampling`). Runs without gradients
-        and in eval mode; the previous mode is restored afterwards.
+        whole context. Both give the same tokens. ``prompt_lengths``: prompts of different
+        lengths, left-padded in ``idx`` (row ``b``'s prompt is its last ``prompt_lengths[b]``
+        tokens); each row continues as if decoded alone. ``compile``: the decoding step as one
+        compiled graph (CUDA graphs on GPU). The model conditions on the last ``max_context``
+        tokens (default ``block_size``); past that, each step re-runs the cropped window (see
+        :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the previous mode is
+        restored afterwards. Tokens stay on the device until the end (no host sync per token).
         """
-        decoder = Decoder(self, idx.shape[-1] + max_new_tokens, use_cache, max_context)
-        new_tokens = list(decoder.stream(idx, max_new_tokens, temperature, top_k, top_p, generator))
+        decoder = Decoder(self, idx.shape[-1] + max_new_tokens, use_cache, max_context, compile)
+        new_tokens = list(decoder.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, prompt_lengths))
         return torch.cat([idx, *new_tokens], dim=1)

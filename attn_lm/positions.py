@@ -91,7 +91,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
     def forward(self, positions: Tensor) -> Tensor:
         compute = _compute_dtype(self.inv_freq.dtype)
-        angles = positions.to(compute)[:, None] * self.inv_freq.to(compute)[None, :]
+        angles = positions.to(compute)[..., None] * self.inv_freq.to(compute)
         interleaved = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
         return interleaved[:, : self.d_model].to(self.inv_freq.dtype)
 
@@ -131,7 +131,8 @@ class Rotary(nn.Module):
         return torch.cat((rotated, rest), dim=-1)
 
     def forward(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Rotate ``q [.., Tq, D]`` at positions ``q_pos [Tq]`` and ``k [.., S, D]`` at ``k_pos [S]``."""
+        """Rotate ``q [.., Tq, D]`` at positions ``q_pos [Tq]`` and ``k [.., S, D]`` at ``k_pos [S]``
+        (or per-row positions ``[B, 1, T]``, broadcast over heads)."""
         q_cos, q_sin = self._angles(q_pos, q.dtype)
         k_cos, k_sin = self._angles(k_pos, k.dtype)
         if self.xpos_scale_base is not None:
@@ -141,13 +142,13 @@ class Rotary(nn.Module):
 
     def _angles(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         compute = _compute_dtype(dtype)
-        angles = pos.to(compute)[:, None] * self.inv_freq.to(compute)[None, :]
+        angles = pos.to(compute)[..., None] * self.inv_freq.to(compute)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def xpos_scales(self, pos: Tensor, dtype: torch.dtype) -> Tensor:
         """``zeta^(pos / scale_base)`` per rotated pair, shape ``[len(pos), rot_dim/2]``."""
-        exponent = pos.to(_compute_dtype(dtype))[:, None] / self.xpos_scale_base
-        return (self.zeta.to(exponent)[None, :] ** exponent).to(dtype)
+        exponent = pos.to(_compute_dtype(dtype))[..., None] / self.xpos_scale_base
+        return (self.zeta.to(exponent) ** exponent).to(dtype)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
@@ -179,10 +180,11 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, dtype: torch.dtype) -> Tensor:
-        """Additive bias ``[H, Tq, S]`` (products in at least float32, then cast to ``dtype``)."""
+        """Additive bias ``[H, Tq, S]`` (products in at least float32, then cast to ``dtype``);
+        ``[B, H, Tq, S]`` for per-row positions ``[B, 1, Tq]``."""
         compute = _compute_dtype(dtype)
-        dist = (q_pos[:, None] - k_pos[None, :]).abs().to(compute)
-        return (-self.slopes.to(compute)[:, None, None] * dist[None]).to(dtype)
+        dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().to(compute)
+        return (-self.slopes.to(compute)[:, None, None] * dist).to(dtype)
 
     def score_mod(self):
         """FlexAttention ``score_mod`` adding the same bias inside the fused kernel."""

@@ -1,81 +1,87 @@
-"""Decoding speed and cache memory of every attention mechanism, per context length.
+"""Decoding speed, cache memory and achieved bandwidth of every attention mechanism, with
+Hugging Face GPT-2 ``generate`` as the peer, in one run.
 
-For each mechanism and context length ``L``: a GPT whose layers all use that mechanism prefills
-``L`` random tokens into its decoding caches, then decodes ``--steps`` more tokens one at a time
-(:class:`attn_lm.sampling.Decoder`, the path ``GPT.generate`` takes). Reported per row:
+A GPT (random weights, GPT-2 vocabulary) whose layers all use one mechanism decodes greedily
+through :class:`attn_lm.decoding.Decoder` -- the path ``GPT.generate`` and the CLI take, with the
+step compiled (CUDA graphs on GPU) unless ``--eager``. One decoder per row, reused across the
+warm-up and the timed call, so CUDA graphs are recorded once. Three tables:
 
-* ``decode tok/s``: ``batch / step time``, the median over ``--steps`` timed decode steps (after
-  ``--warmup`` untimed ones; the median shrugs off a busy machine's hiccups);
-* ``prefill ms``: the one forward over the ``L``-token prompt;
-* ``cache``: bytes held by all layers' caches at the end (``LayerCache.nbytes()``), and
-  ``bytes/token``: that divided by the ``L + warmup + steps`` tokens consumed.
+1. **Generation** (per mechanism and ``--batches``; ``--prompt`` random tokens, ``--new-tokens``
+   greedy tokens): ``tok/s`` = ``batch x new tokens / wall time`` of the whole generation,
+   prefill included (the issue's definition); ``decode tok/s`` from the steps alone;
+   ``prefill ms``; ``cache B/token`` = cache bytes / (batch x positions); ``KV MB/step`` = the
+   cache bytes one step reads (a static step reads every slot of its buffers); ``KV GB/s`` =
+   that / step time, and ``+weights GB/s`` with the parameter bytes a step also reads; ``% copy``
+   = the latter against the device-to-device copy rate measured at the start; ``vs HF`` =
+   ``tok/s`` / HF's ``tok/s`` at the same batch.
+2. **Hugging Face** ``GPT2LMHeadModel.generate`` at the same shape (``GPT2Config``, random
+   weights, no download; ``transformers`` is optional: skipped with a note when missing), for
+   each ``--hf-attn`` implementation, greedy, ``min_new_tokens = max_new_tokens``.
+3. **Context scaling** (batch 1, per mechanism and ``--contexts``): prefill ``L`` tokens, time
+   ``--steps`` decode steps; ``vs first`` = decode tok/s relative to the first context, next to
+   the bytes a step reads (KV caches lose what their extra bytes explain; recurrent and windowed
+   caches read the same bytes at every ``L``).
 
-What to look for: a KV cache grows linearly with ``L`` (constant bytes/token) and each step reads
-all of it; GQA/MQA caches are ``n_heads / n_kv_heads`` times smaller; sliding-window caches stop
-growing at the window; kernelized attention (linear/performer/cosformer) keeps an ``O(1)``
-recurrent state, flat in ``L`` in both bytes and step time.
+Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs. The
+step is compiled once per (mechanism, batch, cache size): tens of seconds each on GPU, so split a
+long sweep over several calls.
 
-CPU (a few minutes)::
+GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
+batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Split so that each
+call compiles at most six steps (HF is timed in every generation call, for the ratio)::
 
-    python scripts/bench_decode.py --contexts 128 512 2048 --threads 1
+    python scripts/bench_decode.py --hf --mechanisms full gqa --contexts
+    python scripts/bench_decode.py --hf --mechanisms mqa local --contexts
+    python scripts/bench_decode.py --hf --mechanisms linear --contexts
+    python scripts/bench_decode.py --batches --mechanisms linear cosformer
+    python scripts/bench_decode.py --batches --mechanisms performer local
+    python scripts/bench_decode.py --batches --mechanisms block_sparse full
+    python scripts/bench_decode.py --batches --mechanisms gqa mqa
 
-GPU::
+CPU (the setting of RESULTS.md section 6: eager steps, context scaling only)::
 
-    python scripts/bench_decode.py --device cuda --dtype bfloat16 --contexts 1024 4096 16384 \\
-        --d-model 768 --n-layer 12 --n-heads 12 --steps 64
+    python scripts/bench_decode.py --device cpu --eager --threads 1 --d-model 128 --n-layer 2 --n-heads 4 \\
+        --vocab 256 --position rope --batches --contexts 128 512 2048 --steps 32
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
+from _bench_common import DTYPES, MarkdownTable, describe_error, header, parse_mechanism_options, synchronize
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
-from attn_lm.config import ATTENTION_POSITIONS
-from attn_lm.sampling import Decoder
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from attn_lm.decoding import Decoder
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", nargs="+", default=None, help="attention types (default: every registered one)")
-    p.add_argument("--contexts", nargs="+", type=int, default=[128, 512, 2048], help="prefill lengths")
-    p.add_argument("--steps", type=int, default=32, help="timed decode steps per row")
-    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before timing")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--position", default="rope", choices=ATTENTION_POSITIONS,
-                   help="attention-level positions (alibi is skipped where unsupported)")
-    p.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
-                   help="mechanism options (e.g. window_size=256 n_kv_heads=1), applied where accepted")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--options", nargs="*", default=[], metavar="MECH.OPTION=VALUE",
+                   help="mechanism options (default: each mechanism's own, e.g. local window 256, gqa 2 kv heads)")
+    p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 64], help="generation-table batches (none: skip it)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens of the generation table")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--contexts", nargs="*", type=int, default=[1024, 4096, 16384], help="context-scaling lengths")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps per context-scaling row")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--position", default="learned", help="model.position (learned = GPT-2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--eager", action="store_true", help="do not compile the decoding step (compile=false)")
+    p.add_argument("--hf", action="store_true", help="also time Hugging Face GPT-2 generate (needs transformers)")
+    p.add_argument("--hf-attn", nargs="+", default=["eager", "sdpa"], help="HF attn_implementation(s) to time")
     return p.parse_args()
 
 
-def mechanism_options(name: str, settings: list[str]) -> dict[str, Any]:
-    """``OPTION=VALUE`` settings that ``name`` accepts, values parsed as int where possible."""
-    accepted = AttentionFactory.get_class(name).options
-    options = {}
-    for item in settings:
-        key, _, value = item.partition("=")
-        if key in accepted:
-            options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return options
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
     """Seconds ``fn()`` takes, device work included."""
     synchronize(device)
     start = time.perf_counter()
@@ -84,55 +90,170 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_row(model: GPT, context: int, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    total = context + args.warmup + args.steps
-    decoder = Decoder(model, total, use_cache=True, max_context=total)
-    prompt = torch.randint(0, model.config.vocab_size, (args.batch, context), device=device)
-    token = prompt[:, -1:]
-    prefill = timed(lambda: decoder.prefill(prompt), device)
-    for _ in range(args.warmup):
-        decoder.step(token)
-    step_times = sorted(timed(lambda: decoder.step(token), device) for _ in range(args.steps))
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    fn()  # compilation, CUDA-graph recording, allocator warm-up
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def copy_rate(device: torch.device) -> float:
+    """Device-to-device copy rate in bytes/s, counting the read and the write (a 1 GiB buffer on
+    GPU, 256 MiB on CPU): the practical ceiling of a memory-bound step."""
+    n = 2**30 if device.type == "cuda" else 2**28
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / median_time(lambda: dst.copy_(src), device, 10)
+
+
+def build_model(name: str, args: argparse.Namespace, block_size: int, options: dict, dtype, device) -> GPT:
+    torch.manual_seed(0)
+    attention = AttentionConfig(attention_type=name, **options.get(AttentionFactory.get_class(name).name, {}))
+    config = GPTConfig(vocab_size=args.vocab, block_size=block_size, n_layer=args.n_layer, d_model=args.d_model,
+                       n_heads=args.n_heads, position=args.position, attention=attention)
+    return GPT(config).to(device=device, dtype=dtype).eval()
+
+
+def param_bytes(model: GPT) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def generation_row(model: GPT, batch: int, args: argparse.Namespace, device: torch.device,
+                   copy: float) -> dict[str, Any]:
+    """End-to-end greedy generation, then its prefill and steps timed apart on the same decoder."""
+    total = args.prompt + args.new_tokens
+    decoder = Decoder(model, total, max_context=total, compile=not args.eager)
+    idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
+
+    def generate():
+        torch.cat(list(decoder.stream(idx, args.new_tokens, temperature=0)), dim=1)
+
+    seconds = median_time(generate, device, args.repeats)
+    prefill = statistics.median(timed(lambda: decoder.prefill(idx), device) for _ in range(args.repeats))
+    token = idx[:, -1:]
+    steps = min(args.new_tokens - 1, 64)
+    step = timed(lambda: [decoder.step(token) for _ in range(steps)], device) / steps
+    return {"tok/s": batch * args.new_tokens / seconds, "prefill ms": prefill * 1e3,
+            **step_columns(model, decoder, batch, total, step, copy)}
+
+
+def step_columns(model: GPT, decoder: Decoder, batch: int, positions: int, step: float, copy: float) -> dict:
     cache = decoder.cache_nbytes()
-    return {"tok_s": args.batch / step_times[len(step_times) // 2], "prefill_ms": prefill * 1e3, "cache": cache,
-            "per_token": cache / total}
+    return {"decode tok/s": batch / step, "cache B/token": cache / (batch * positions), "KV MB/step": cache / 1e6,
+            "KV GB/s": cache / step / 1e9, "+weights GB/s": (cache + param_bytes(model)) / step / 1e9,
+            "% copy": 100 * (cache + param_bytes(model)) / step / copy}
 
 
-def human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{n:.0f} B"
-    for unit in ("KiB", "MiB"):
-        n /= 1024
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.2f} GiB"
+def context_row(model: GPT, context: int, args: argparse.Namespace, device: torch.device, copy: float) -> dict:
+    total = context + args.steps + 1
+    decoder = Decoder(model, total, max_context=total, compile=not args.eager)
+    idx = torch.randint(0, args.vocab, (1, context), device=device)
+    token = idx[:, -1:]
+
+    def run():
+        decoder.prefill(idx)
+        decoder.step(token)  # warm: the first step after a prefill is timed with the others below
+        return timed(lambda: [decoder.step(token) for _ in range(args.steps)], device) / args.steps
+
+    run()  # compilation, CUDA-graph recording
+    step = statistics.median(run() for _ in range(args.repeats))
+    return step_columns(model, decoder, 1, total, step, copy)
+
+
+def hf_rows(args: argparse.Namespace, dtype, device: torch.device) -> tuple[list[dict], Optional[str]]:
+    """Hugging Face GPT-2 generate at the same shape, or a note why it was skipped."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as error:
+        return [], f"Hugging Face skipped: {error} (pip install transformers)"
+    rows = []
+    for attn in args.hf_attn:
+        label = f"HF GPT-2 generate, attn={attn}"
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=args.vocab, n_positions=args.prompt + args.new_tokens, n_embd=args.d_model,
+                            n_layer=args.n_layer, n_head=args.n_heads)
+        try:
+            model = GPT2LMHeadModel._from_config(config, attn_implementation=attn).to(device=device, dtype=dtype)
+        except Exception as error:  # noqa: BLE001 - one failed cell must not end the run
+            rows.append({"implementation": label, "note": describe_error(error)})
+            continue
+        model.eval()
+        for batch in args.batches:
+            idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
+
+            def generate():
+                with torch.no_grad():
+                    model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+            try:
+                rows.append({"implementation": label, "batch": batch,
+                             "tok/s": batch * args.new_tokens / median_time(generate, device, args.repeats)})
+            except Exception as error:  # noqa: BLE001
+                rows.append({"implementation": label, "batch": batch, "note": describe_error(error)})
+        del model
+    return rows, None
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    options = parse_mechanism_options(args.options)
     names = args.mechanisms or AttentionFactory.names()
-    block_size = max(args.contexts) + args.warmup + args.steps
-    print(f"device={device} dtype={args.dtype} batch={args.batch} d_model={args.d_model} n_layer={args.n_layer} "
-          f"n_heads={args.n_heads} position={args.position} steps={args.steps} torch={torch.__version__}\n")
-    print("| mechanism | kv heads | context | decode tok/s | prefill ms | cache | bytes/token |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    block_size = max([args.prompt + args.new_tokens] + [c + args.steps + 1 for c in args.contexts])
+    copy = copy_rate(device)
+    print(header(device, [f"dtype {dtype}, d_model {args.d_model}, {args.n_layer} layers, {args.n_heads} heads, "
+                          f"vocab {args.vocab}, position {args.position}, options {' '.join(args.options) or '-'}",
+                          f"decoding step: {'eager' if args.eager else 'compiled'}; "
+                          f"device-to-device copy {copy / 1e9:,.0f} GB/s (read + write)"]))
+    hf, note = hf_rows(args, dtype, device) if args.hf else ([], None)
+    hf_speed: dict[int, float] = {}  # the fastest HF implementation per batch
+    for row in (r for r in hf if "tok/s" in r):
+        hf_speed[row["batch"]] = max(hf_speed.get(row["batch"], 0.0), row["tok/s"])
+
+    print(f"\n### Generation: prompt {args.prompt}, {args.new_tokens} new tokens, greedy (tok/s include prefill)\n")
+    columns = ["mechanism", "batch", "tok/s", "vs HF", "decode tok/s", "prefill ms", "cache B/token", "KV MB/step",
+               "KV GB/s", "+weights GB/s", "% copy", "note"]
+    table = MarkdownTable(columns)
+    models = {}
     for name in names:
-        cls = AttentionFactory.get_class(name)
-        position = "none" if args.position == "alibi" and cls.alibi_unsupported else args.position
-        label = name if position == args.position else f"{name} (position={position})"
-        attention = AttentionConfig(attention_type=name, **mechanism_options(name, args.set))
-        torch.manual_seed(0)
-        config = GPTConfig(vocab_size=256, block_size=block_size, n_layer=args.n_layer, d_model=args.d_model,
-                           n_heads=args.n_heads, position=position, attention=attention)
-        model = GPT(config).to(device=device, dtype=dtype).eval()
-        kv_heads = model.blocks[0].attn.n_kv_heads
-        for context in args.contexts:
-            row = bench_row(model, context, args, device)
-            print(f"| {label} | {kv_heads} | {context} | {row['tok_s']:,.1f} | {row['prefill_ms']:,.1f} | "
-                  f"{human_bytes(row['cache'])} | {human_bytes(row['per_token'])} |", flush=True)
+        try:
+            models[name] = build_model(name, args, block_size, options, dtype, device)
+        except Exception as error:  # noqa: BLE001
+            table.row({"mechanism": name, "note": describe_error(error)})
+            continue
+        for batch in args.batches:
+            try:
+                row = generation_row(models[name], batch, args, device, copy)
+                if batch in hf_speed:
+                    row["vs HF"] = row["tok/s"] / hf_speed[batch]
+            except Exception as error:  # noqa: BLE001
+                row = {"note": describe_error(error)}
+            table.row({"mechanism": name, "batch": batch, **row})
+
+    if args.hf:
+        print("\n### Hugging Face peer, same shape and dtype\n")
+        if note:
+            print(note)
+        hf_table = MarkdownTable(["implementation", "batch", "tok/s", "note"])
+        for row in hf:
+            hf_table.row(row)
+
+    if args.contexts:
+        print(f"\n### Context scaling: batch 1, {args.steps} decode steps after a prefill of L tokens\n")
+        scaling = MarkdownTable(["mechanism", "context", "decode tok/s", "vs first", "KV MB/step", "KV GB/s",
+                                 "+weights GB/s", "% copy", "note"])
+        for name, model in models.items():
+            first = None
+            for context in args.contexts:
+                try:
+                    row = context_row(model, context, args, device, copy)
+                    first = first or row["decode tok/s"]
+                    row["vs first"] = row["decode tok/s"] / first
+                except Exception as error:  # noqa: BLE001
+                    row = {"note": describe_error(error)}
+                scaling.row({"mechanism": name, "context": context, **row})
 
 
 if __name__ == "__main__":

@@ -85,5 +85,5 @@ def test_cached_decoding_equals_full_forward(name, position):
     pieces = [module(x[:, :6], context=None if ctx is None else ctx[:, :6], cache=cache)]
     for t in range(6, T):
         c = None if ctx is None else ctx[:, t:t + 1]
-        pieces.append(module(x[:, t:t + 1], context=c, cache=cache))
+        pieces.append(module(x[:, t:t + 1], context=c, cache=cache, input_pos=torch.tensor([t])))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)

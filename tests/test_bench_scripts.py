@@ -106,3 +106,20 @@ def test_pattern_density_counts_rows_in_chunks(monkeypatch):
     assert bench.pattern_density(MaskPattern(causal=True), T, torch.device("cpu")) == pytest.approx((T + 1) / (2 * T))
     window = SlidingWindowPattern(causal=True, window=7)
     assert bench.pattern_density(window, T, torch.device("cpu")) == pytest.approx(window.density(T))
+
+
+def test_bench_decode_tiny():
+    stdout = run_script(
+        "bench_decode.py", "--d-model", "32", "--n-layer", "1", "--n-heads", "2", "--vocab", "64",
+        "--mechanisms", "full", "linear", "--batches", "1", "3", "--prompt", "8", "--new-tokens", "5",
+        "--contexts", "16", "32", "--steps", "4", "--repeats", "1", "--eager", "--device", "cpu",
+    )
+    assert "device-to-device copy" in stdout and "decoding step: eager" in stdout
+    rows = table_rows(stdout.split("### Context scaling")[0])
+    assert [(row[0], row[1]) for row in rows] == [("full", "1"), ("full", "3"), ("linear", "1"), ("linear", "3")]
+    assert all(float(row[2]) > 0 and float(row[4]) > 0 and row[-1] == "-" for row in rows), rows
+    scaling = table_rows(stdout.split("### Context scaling")[1])
+    assert [(row[0], row[1], row[3]) for row in scaling][::2] == [("full", "16", "1"), ("linear", "16", "1")]
+    # A recurrent state reads the same bytes at every context; a KV cache reads more.
+    kv_mb = {(row[0], row[1]): float(row[4]) for row in scaling}
+    assert kv_mb[("linear", "16")] == kv_mb[("linear", "32")] and kv_mb[("full", "16")] < kv_mb[("full", "32")]

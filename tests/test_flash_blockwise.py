@@ -145,7 +145,8 @@ def test_cached_decoding_with_alibi(name):
     x = torch.randn(1, 15, module.config.d_model, dtype=torch.float64)
     full = module(x)
     cache = module.new_cache(1, 15, torch.float64, "cpu")
-    pieces = [module(x[:, :6], cache=cache)] + [module(x[:, t:t + 1], cache=cache) for t in range(6, 15)]
+    pieces = [module(x[:, :6], cache=cache)]
+    pieces += [module(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in range(6, 15)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 
 

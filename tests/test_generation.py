@@ -1,4 +1,5 @@
-"""GPT.generate, sampling filters, the Decoder's context window and the generate CLI."""
+"""GPT.generate, sampling filters, the Decoder's context window, batches of prompts of different
+lengths, the compiled decoding step and the generate CLI."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import functools
 
 import lightning
 import pytest
@@ -17,7 +20,8 @@ from attn_lm.configure import CONF_DIR
 from attn_lm.data import LMDataModule
 from attn_lm.generate import generate
 from attn_lm.lit_module import LitGPT
-from attn_lm.sampling import Decoder, filter_logits, sample_next
+from attn_lm.decoding import Decoder
+from attn_lm.sampling import filter_logits, sample_next
 
 from .helpers import small_config
 
@@ -48,6 +52,110 @@ def test_cached_generation_equals_uncached_and_full_forward(name):
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 4:23], rtol=1e-5, atol=1e-5)
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Prompts of different lengths as one left-padded batch (padding = a real token id, which
+    must not matter) and their lengths."""
+    width = max(len(p) for p in prompts)
+    batch = torch.stack([torch.cat([torch.full((width - len(p),), V - 1), p]) for p in prompts])
+    return batch, [len(p) for p in prompts]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_of_left_padded_prompts_equals_each_row_alone(name):
+    model = tiny_gpt(name)
+    prompts = [torch.randint(0, V, (n,)) for n in (7, 2, 5)]
+    idx, lengths = left_padded(prompts)
+    batch = model.generate(idx, 12, temperature=0, prompt_lengths=lengths)
+    assert batch.shape == (3, 7 + 12)
+    torch.testing.assert_close(model.generate(idx, 12, temperature=0, prompt_lengths=lengths, use_cache=False), batch,
+                               rtol=0, atol=0)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], 12, temperature=0)
+        torch.testing.assert_close(batch[row, 7 - len(prompt):], alone[0], rtol=0, atol=0)
+    # The logits too, at every step: prefill and steps of the batch == each row's own decoder.
+    decoder = Decoder(model, 7 + 12)
+    logits = [decoder.prefill(idx, lengths)] + [decoder.step(batch[:, t:t + 1]) for t in range(7, 18)]
+    for row, prompt in enumerate(prompts):
+        alone = Decoder(model, len(prompt) + 12)
+        own = [alone.prefill(prompt[None])] + [alone.step(batch[row:row + 1, t:t + 1]) for t in range(7, 18)]
+        torch.testing.assert_close(torch.stack(logits)[:, row], torch.stack(own)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full", "local", "gqa", "linear", "performer"])
+def test_noncausal_layers_never_see_the_padding_of_shorter_rows(name):
+    """Non-causal layers would attend to right padding: the prefill (cached or not) masks it."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=V, block_size=32, n_layer=2, d_model=32, n_heads=4, position="learned",
+                       attention=small_config(name, causal=False))
+    model = GPT(config).eval()
+    prompts = [torch.randint(0, V, (n,)) for n in (6, 3)]
+    idx, lengths = left_padded(prompts)
+    for use_cache in (True, False):
+        decoder = Decoder(model, 6 + 4, use_cache=use_cache)
+        first = decoder.prefill(idx, lengths)
+        second = decoder.step(first.argmax(-1, keepdim=True))
+        for row, prompt in enumerate(prompts):
+            alone = Decoder(model, len(prompt) + 4, use_cache=use_cache)
+            own = alone.prefill(prompt[None])
+            torch.testing.assert_close(first[row], own[0], rtol=1e-5, atol=1e-5)
+            own_next = alone.step(first[row:row + 1].argmax(-1, keepdim=True))
+            torch.testing.assert_close(second[row], own_next[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_step_is_one_graph_and_equals_eager(name, monkeypatch):
+    """The step compiles without a graph break (fullgraph: a break is an error) and decodes the
+    eager tokens, batch of uneven prompts included. Dynamo's own backend here keeps the CPU suite
+    fast; Inductor is covered below and CUDA graphs by the gpu test."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = tiny_gpt(name)
+    idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (6, 3)])
+    eager = model.generate(idx, 10, temperature=0, prompt_lengths=lengths)
+    torch.testing.assert_close(model.generate(idx, 10, temperature=0, prompt_lengths=lengths, compile=True), eager,
+                               rtol=0, atol=0)
+
+
+def test_inductor_compiled_step_equals_eager():
+    model = tiny_gpt("gqa")
+    idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (6, 3)])
+    eager = model.generate(idx, 10, temperature=0, prompt_lengths=lengths)
+    torch.testing.assert_close(model.generate(idx, 10, temperature=0, prompt_lengths=lengths, compile=True), eager,
+                               rtol=0, atol=0)
+
+
+def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
+    def uncompilable(fn, **kwargs):
+        def step(*args):
+            raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
+        return step
+
+    monkeypatch.setattr(torch, "compile", uncompilable)
+    model = tiny_gpt("local")
+    prompt = torch.randint(0, V, (2, 4))
+    with pytest.warns(UserWarning, match=r"step of local cannot be compiled \(an op Dynamo cannot trace\); decoding eager"):
+        compiled = model.generate(prompt, 6, temperature=0, compile=True)
+    torch.testing.assert_close(compiled, model.generate(prompt, 6, temperature=0), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
+@pytest.mark.parametrize("name", NAMES)
+def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch):
+    """On the GPU: the CUDA-graph step (reduce-overhead) gives the eager step's and the uncached
+    forward's greedy tokens, for a batch of left-padded prompts (fp32, TF32 off, so the three paths
+    compute the same numbers up to summation order)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_gpt(name).cuda()
+    idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (9, 4, 6)])
+    idx = idx.cuda()
+    eager = model.generate(idx, 16, temperature=0, prompt_lengths=lengths)
+    torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, compile=True), eager,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, use_cache=False),
+                               eager, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ context window
 def nanogpt_greedy(model: GPT, idx: torch.Tensor, steps: int, window: int) -> torch.Tensor:
     """The textbook loop: full forward over the last ``window`` tokens, argmax, append."""
@@ -74,7 +182,7 @@ def test_max_context_lets_relative_positions_read_past_block_size():
     torch.testing.assert_close(model.generate(prompt, 20, temperature=0, max_context=16), expected, rtol=0, atol=0)
     decoder = Decoder(model, 23, max_context=16)
     list(decoder.stream(prompt, 20, temperature=0))
-    assert decoder.caches[0].length == 16  # the window moved: rebuilt from the last 16 tokens
+    assert decoder.caches[0].k.shape[2] == 16  # sized for the window; past it, steps re-run the window
     with pytest.raises(ValueError, match="max_context=16 is longer than block_size=8, and learned positions"):
         tiny_gpt("full", block_size=8).generate(prompt, 2, max_context=16)
 
@@ -95,6 +203,40 @@ def test_top_k_and_top_p_filters():
     draws = torch.cat([sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(s)) for s in range(50)])
     assert set(draws.flatten().tolist()) == {1, 3}
     assert sample_next(logits, temperature=0).item() == 1
+
+
+def reference_filter(row: list[float], top_k, top_p) -> list[bool]:
+    """Which tokens survive, by the definitions, one row of Python floats at a time."""
+    order = sorted(range(len(row)), key=lambda i: -row[i])
+    keep = set(order)
+    if top_k is not None:
+        kth = row[order[min(top_k, len(row)) - 1]]
+        keep = {i for i in keep if row[i] >= kth}
+    if top_p is not None:
+        probs = torch.tensor([row[i] if i in keep else float("-inf") for i in range(len(row))]).softmax(-1).tolist()
+        mass, nucleus = 0.0, set()
+        for i in sorted(keep, key=lambda i: -row[i]):
+            if mass >= top_p:
+                break
+            nucleus.add(i)
+            mass += probs[i]
+        keep = nucleus
+    return [i in keep for i in range(len(row))]
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.5), (7, 0.9), (1, None), (None, 0.999)])
+def test_filters_on_device_match_the_definition(top_k, top_p):
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2
+    kept = torch.isfinite(filter_logits(logits, top_k, top_p)).tolist()
+    assert kept == [reference_filter(row, top_k, top_p) for row in logits.tolist()]
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    """The exponential race draws token i with probability p_i (the filtered softmax)."""
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(20000, 4)
+    draws = sample_next(logits, top_p=0.8, generator=torch.Generator().manual_seed(0)).flatten()
+    freq = torch.bincount(draws, minlength=4).double() / len(draws)
+    torch.testing.assert_close(freq, torch.tensor([0.0, 0.625, 0.0, 0.375], dtype=torch.float64), rtol=0, atol=0.015)
 
 
 def test_sampling_is_reproducible_and_filters_reduce_to_greedy():
@@ -181,6 +323,18 @@ def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_pat
     assert result["text"] == expected[len("def f(x):"):]
     # 9 + 12 tokens > block_size = 16: the cache holds the 16-token window.
     assert result["cache_bytes"] == 2 * 1 * 2 * 16 * 8 * 4  # k+v, batch, heads, positions, head_dim, fp32
+    assert not result["compiled"]  # compile=auto compiles on GPU only
+
+
+def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    path, data = checkpoint
+    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu", *data]
+    eager = generate(compose_generate(args + ["compile=false"]))
+    result = generate(compose_generate(args + ["compile=true", "stream_every=5"]))
+    assert result["compiled"] and result["text"] == eager["text"]
+    with pytest.raises(ValueError, match="stream_every must be a positive"):
+        generate(compose_generate(args + ["stream_every=0"]))
 
 
 def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):

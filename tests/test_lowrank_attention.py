@@ -127,20 +127,19 @@ def test_reference_path_matches_fast_path(name, causal, T):
 @pytest.mark.parametrize("prompt,step", [(1, 1), (4, 3), (5, 4), (9, 2)])
 def test_cached_decoding_any_split(name, prompt, step):
     """Prompts and decoding steps that start/end anywhere in a chunk equal the full forward, and
-    the cache holds C raw positions + p summaries per completed chunk."""
+    the cache holds C raw positions + p summaries per chunk (the current one included)."""
     module = build(name, num_landmarks=2, position="rope") if name == "nystrom" else build(name, position="rope")
     T = 23
     x = torch.randn(2, T, 32, dtype=torch.float64)
     cache = module.new_cache(2, T, torch.float64, "cpu")
     pieces = [module(x[:, :prompt], cache=cache)]
     for t in range(prompt, T, step):
-        pieces.append(module(x[:, t:t + step], cache=cache))
+        pieces.append(module(x[:, t:t + step], cache=cache, input_pos=torch.arange(t, min(t + step, T))))
     torch.testing.assert_close(torch.cat(pieces, 1), module(x), rtol=1e-10, atol=1e-10)
     C, p = module.chunk_size, module.summary_len
-    assert cache.length == T and cache.n_summaries == (T // C) * p
-    assert cache.nbytes() == 2 * 2 * 4 * (C + (T // C) * p) * D * 8
-    with pytest.raises(ValueError, match="cannot append"):
-        module(x[:, :1], cache=cache)
+    assert cache.nbytes() == 2 * 2 * 4 * (C + -(-T // C) * p) * D * 8
+    with pytest.raises(ValueError, match="cannot prefill"):
+        module(x, cache=module.new_cache(2, 2 * C, torch.float64, "cpu"))
 
 
 @pytest.mark.parametrize("name", NAMES)

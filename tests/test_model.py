@@ -120,7 +120,8 @@ def test_kv_cache_decoding_equals_full_forward():
     idx = torch.randint(0, 61, (2, 20))
     full = model(idx)
     caches = model.new_caches(2, 20)
-    steps = [model(idx[:, :7], caches=caches)] + [model(idx[:, t:t + 1], caches=caches) for t in range(7, 20)]
+    steps = [model(idx[:, :7], caches=caches)]
+    steps += [model(idx[:, t:t + 1], caches=caches, input_pos=torch.tensor([t])) for t in range(7, 20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 

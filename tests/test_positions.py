@@ -174,7 +174,8 @@ def test_cached_decoding_with_xpos_and_alibi_equals_full_forward(name, position)
     cache = module.new_cache(2, 15, torch.float64, "cpu")
     pieces = [module(x[:, :5], context=None if ctx is None else ctx[:, :5], cache=cache)]
     for t in range(5, 15):
-        pieces.append(module(x[:, t:t + 1], context=None if ctx is None else ctx[:, t:t + 1], cache=cache))
+        pieces.append(module(x[:, t:t + 1], context=None if ctx is None else ctx[:, t:t + 1], cache=cache,
+                             input_pos=torch.tensor([t])))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
 
 

@@ -25,7 +25,7 @@ def test_gqa_with_one_group_per_head_is_full_attention():
     x = torch.randn(2, T, 32, dtype=torch.float64)
     torch.testing.assert_close(gqa(x), full(x), rtol=0, atol=1e-12)
     cache = gqa.new_cache(2, T, torch.float64, "cpu")
-    steps = torch.cat([gqa(x[:, t:t + 1], cache=cache) for t in range(T)], dim=1)
+    steps = torch.cat([gqa(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in range(T)], dim=1)
     torch.testing.assert_close(steps, full(x), rtol=1e-10, atol=1e-10)
 
 

@@ -140,10 +140,9 @@ def test_bigbird_rejects_sequences_longer_than_its_layout():
     module(torch.randn(1, 65, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="covers 65 positions.*larger max_seq_len"):
         module(torch.randn(1, 66, 32, dtype=torch.float64))
-    cache = module.new_cache(1, 70, torch.float64, "cpu")
-    module(torch.randn(1, 65, 32, dtype=torch.float64), cache=cache)
-    with pytest.raises(ValueError, match="reaches position 65"):
-        module(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache)
+    module.new_cache(1, 65, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="reaches position 65"):  # decoding checks the cache's size
+        module.new_cache(1, 66, torch.float64, "cpu")
 
 
 # --------------------------------------------------------------------------- FlexAttention
@@ -182,7 +181,8 @@ def decode(module, x, chunks, mask=None):
     for size in chunks:
         end = start + size
         piece_mask = None if mask is None else mask[..., start:end, :end]
-        outs.append(module(x[:, start:end], mask=piece_mask, cache=cache))
+        step = torch.arange(start, end) if start else None  # the first piece is the prefill
+        outs.append(module(x[:, start:end], mask=piece_mask, cache=cache, input_pos=step))
         start = end
     return torch.cat(outs, dim=1), cache
 
@@ -215,8 +215,8 @@ def test_bounded_cache_memory_does_not_grow(name, options, slots):
     cache = module.new_cache(1, 64, torch.float64, "cpu")
     start = cache.nbytes()
     decode_bytes = []
-    for _ in range(40):
-        module(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache)
+    for t in range(40):
+        module(torch.randn(1, 1, 32, dtype=torch.float64), cache=cache, input_pos=torch.tensor([t]))
         decode_bytes.append(cache.nbytes())
     assert set(decode_bytes) == {start}
     kv_bytes = 2 * module.n_kv_heads * slots * module.head_dim * 8

@@ -6,15 +6,20 @@ then only describe their mask pattern) and implements up to four methods on head
 
 * ``attend``            — the full-sequence fast path (fused kernels where they exist);
 * ``attend_reference``  — the explicit, readable form the fast path is tested against;
-* ``new_cache`` / ``attend_cached`` — incremental decoding with the family's own cache.
+* ``make_cache`` / ``prefill`` / ``attend_step`` — incremental decoding with the family's own
+  fixed-size cache (:mod:`attn_lm.cache`): ``prefill`` runs a prompt through the fast path and
+  stores it; ``attend_step`` decodes at explicit positions ``pos [b, 1, T]`` (a device tensor,
+  per row when a batch holds prompts of different lengths) with fixed shapes, so the step can be
+  captured as one graph.
 
-``forward(x, context=None, mask=None, cache=None)`` does the rest: one fused QKV projection
+``forward(x, context=None, mask=None, cache=None, input_pos=None, lengths=None)`` does the rest: one fused QKV projection
 (keys/values with ``n_kv_heads`` heads), RoPE/xPos rotation at absolute positions, the output
 projection and residual dropout.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, ClassVar, Iterator, Optional
 
 import torch
@@ -130,13 +135,21 @@ class Attention(nn.Module):
         return heads(q), heads(k), heads(v)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                cache: Optional[LayerCache] = None) -> Tensor:
+                cache: Optional[LayerCache] = None, input_pos: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
         """``x [B, T, d_model]`` -> ``[B, T, d_model]``.
 
         ``context [B, S, d_model]``: keys/values source (cross-attention only). ``mask``: boolean
         (``True`` = may attend) or additive float, broadcastable to ``[B, H, T, S]``; it is
-        combined with the mechanism's own pattern. ``cache``: from :meth:`new_cache`, for
-        incremental decoding (positions continue from ``cache.length``).
+        combined with the mechanism's own pattern (in a decoding step its last dim indexes absolute
+        key positions). ``cache`` (from :meth:`new_cache`) decodes incrementally:
+
+        * without ``input_pos``: *prefill* the prompt at positions ``0 .. T-1`` through the
+          full-sequence path, then store it in the cache; ``lengths [B]`` counts the real tokens
+          of each row (the rest is right padding; default ``T``);
+        * with ``input_pos`` (int64 ``[T]``, or ``[B, T]`` per row): one decoding *step* at those
+          positions, reading and updating the cache. Positions are never read back to the host,
+          so a step has fixed shapes (capturable as one graph).
         """
         if x.dim() != 3 or x.shape[-1] != self.config.d_model:
             raise ValueError(f"expected x of shape [B, T, {self.config.d_model}], got {tuple(x.shape)}")
@@ -147,24 +160,43 @@ class Attention(nn.Module):
                 f"attention_type {self.name!r} is self-attention and takes no context; use attention_type='cross'"
             )
         B, T, _ = x.shape
+        if input_pos is None:  # a decoding step's positions were checked when its cache was sized
+            self.check_length(T)
         q, k, v = self.project(x, context)
         # A causal cross layer reads an aligned stream (context position j is visible from query
         # i >= j), so it caches like self-attention; a non-causal one re-reads a fixed memory.
-        cached = cache is not None and (context is None or self.config.causal)
-        offset = cache.length if cached else 0
-        q_pos = torch.arange(offset, offset + T, device=x.device)
-        kv_pos = torch.arange(offset, offset + k.shape[2], device=x.device)
+        if context is not None and not self.config.causal:
+            cache = None
+        if cache is not None and input_pos is not None:
+            pos = input_pos.view(-1, 1, T)  # [b, 1, T]: broadcasts over heads
+            if self.rotary is not None:
+                q, k = self.rotary(q, k, pos, pos)
+            return self.project_out(self.attend_step(q, k, v, pos, cache, mask))
+        q_pos = torch.arange(T, device=x.device)
+        kv_pos = torch.arange(k.shape[2], device=x.device)
         if self.rotary is not None:
             q, k = self.rotary(q, k, q_pos, kv_pos)
-        validate_custom_mask(mask, B, self.n_heads, T, offset + k.shape[2])
-        if cached:
-            y = self.attend_cached(q, k, v, q_pos, cache, mask)
-        elif self.use_reference:
-            y = self.attend_reference(q, k, v, q_pos, kv_pos, mask)
+        validate_custom_mask(mask, B, self.n_heads, T, k.shape[2])
+        if cache is not None:
+            lengths = torch.full((B,), T, device=x.device) if lengths is None else lengths
+            y = self.prefill(q, k, v, q_pos, cache, mask, lengths)  # each family handles the padding
         else:
-            y = self.attend(q, k, v, q_pos, kv_pos, mask)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.resid_dropout(self.out(y))
+            mask = self.hide_padding(kv_pos, lengths, mask, q.dtype)
+            attend = self.attend_reference if self.use_reference else self.attend
+            y = attend(q, k, v, q_pos, kv_pos, mask)
+        return self.project_out(y)
+
+    def hide_padding(self, kv_pos: Tensor, lengths: Optional[Tensor], mask: Optional[Tensor],
+                     dtype: torch.dtype) -> Optional[Tensor]:
+        """``mask`` plus, for a non-causal layer, the right padding of rows shorter than ``lengths``
+        (causal queries never reach it: it comes after every real token)."""
+        if lengths is None or self.config.causal:
+            return mask
+        return combine_custom_mask((kv_pos < lengths[:, None])[:, None, None, :], mask, dtype)
+
+    def project_out(self, y: Tensor) -> Tensor:
+        """Heads ``[B, H, T, D]`` -> output projection and residual dropout ``[B, T, d_model]``."""
+        return self.resid_dropout(self.out(y.transpose(1, 2).flatten(2)))
 
     @property
     def attn_dropout(self) -> float:
@@ -179,12 +211,32 @@ class Attention(nn.Module):
                          mask: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def check_length(self, end: int) -> None:
+        """Raise unless positions ``0 .. end - 1`` are defined for this mechanism (default: all).
+        Called with host ints -- a sequence's length, a decoding cache's size -- so no step has to
+        read positions back from the device."""
+
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> LayerCache:
-        """A preallocated cache for decoding up to ``max_len`` tokens (default: full K/V)."""
+        """A preallocated cache for decoding positions ``0 .. max_len - 1`` (:meth:`make_cache`)."""
+        self.check_length(max_len)
+        return self.make_cache(batch, max_len, dtype, device)
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> LayerCache:
+        """The family's cache (default: full K/V)."""
         return KVCache(batch, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
-    def attend_cached(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, cache: LayerCache,
-                      mask: Optional[Tensor]) -> Tensor:
+    def prefill(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: LayerCache, mask: Optional[Tensor],
+                lengths: Tensor) -> Tensor:
+        """A prompt at positions ``pos = arange(T)``: the full-sequence path, then into the cache."""
+        mask = self.hide_padding(pos, lengths, mask, q.dtype)
+        attend = self.attend_reference if self.use_reference else self.attend
+        y = attend(q, k, v, pos, pos, mask)
+        cache.prefill(k, v, lengths)
+        return y
+
+    def attend_step(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: LayerCache,
+                    mask: Optional[Tensor]) -> Tensor:
+        """A decoding step at positions ``pos [b, 1, T]`` (after prefill): read and update ``cache``."""
         raise NotImplementedError(f"attention_type {self.name!r} has no incremental decoding")
 
 
@@ -219,10 +271,70 @@ class SoftmaxAttention(Attention):
         bias = combine_custom_mask(self.pattern.dense(q_pos, kv_pos), mask, dtype)
         return bias if self.alibi is None else bias + self.alibi.bias(q_pos, kv_pos, dtype)
 
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
-        k_all, v_all, kv_pos = cache.append(k, v)
-        return softmax_attention(q, k_all, v_all, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout,
-                                 backends=self.sdpa_backends)
+    def step_bias(self, q_pos: Tensor, kv_pos: Tensor, mask: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+        """Additive bias of a decoding step over cache slots at positions ``kv_pos [b, 1, S]``, in
+        the scores' dtype for queries of ``dtype``: :meth:`score_bias`, and only slots already
+        written (positions up to the step's last; a non-causal layer too sees only the tokens
+        that exist so far)."""
+        allowed = self.pattern.dense(q_pos, kv_pos)
+        if not self.config.causal:  # a causal pattern already stops at each query
+            allowed = allowed & (kv_pos[..., None, :] <= q_pos[..., -1:, None])
+        if mask is None:  # 0 / -inf: exact in any dtype, so no cast either
+            bias = torch.where(allowed, 0.0, float("-inf"))
+        else:
+            bias = combine_custom_mask(allowed, mask_columns(mask, kv_pos), score_dtype(dtype))
+        return bias if self.alibi is None else bias + self.alibi.bias(q_pos, kv_pos, score_dtype(dtype))
+
+    def attend_step(self, q, k, v, pos, cache, mask):
+        """Write the new keys at ``pos``, then attend over every slot of the cache."""
+        cache.write(k, v, pos)
+        bias = self.step_bias(pos, cache.key_positions(), mask, q.dtype)
+        return cached_attention(q, [(cache.k, cache.v, bias)], mask is not None)
+
+
+def mask_columns(mask: Tensor, kv_pos: Tensor) -> Tensor:
+    """A user mask ``[..., T, W]`` whose last dim indexes absolute key positions, read at the
+    positions ``kv_pos [b, 1, S]`` of cache slots (empty slots, ``-1``, and positions past ``W``
+    read some column; the step masks them anyway)."""
+    mask = mask[(None,) * (4 - mask.dim())]
+    index = kv_pos.clamp(0, mask.shape[-1] - 1)[:, :, None, :]
+    batch = max(mask.shape[0], index.shape[0])
+    mask = mask.expand(batch, *mask.shape[1:])
+    return mask.gather(-1, index.expand(batch, mask.shape[1], mask.shape[2], index.shape[-1]))
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of decoding scores and their biases: at least float32 (a bf16 ALiBi bias of a distant
+    key, or a bf16 softmax over thousands of keys, would lose the digits that matter)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empty_rows: bool = False) -> Tensor:
+    """Softmax attention of ``q [B, H, T, D]`` over several key sets as if concatenated: each part
+    is ``k, v [B, Hkv, S_i, D]`` with an additive bias broadcastable to ``[B, H, T, S_i]``
+    (``-inf`` = masked). Parts avoid copying a cache into a concatenation (ring buffer + new keys,
+    current chunk + summaries). Shared key/value heads are grouped with their query heads, never
+    repeated, so a step reads each cached byte once. Scores and softmax in at least float32. Time
+    ``O(T S D)`` per head. ``empty_rows``: rows with no allowed key (possible with user masks)
+    give zeros instead of NaN.
+    """
+    B, H, T, D = q.shape
+    n_kv = parts[0][0].shape[1]
+    rows = q.reshape(B, n_kv, H // n_kv * T, D)  # the queries of one key/value head, as rows
+    pieces = [torch.add(bias, (rows @ k.transpose(-2, -1)).view(B, H, T, -1).to(score_dtype(q.dtype)),
+                        alpha=1 / math.sqrt(D)) for k, _, bias in parts]
+    scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+    empty = torch.isneginf(scores).all(-1, keepdim=True) if empty_rows else None
+    if empty is not None:
+        scores = scores.masked_fill(empty, 0.0)
+    probs = scores.softmax(dim=-1).to(q.dtype).view(B, n_kv, H // n_kv * T, -1)
+    out, start = None, 0
+    for k, v, _ in parts:
+        piece = probs[..., start: start + k.shape[2]] @ v
+        out, start = piece if out is None else out + piece, start + k.shape[2]
+    if empty is not None:
+        out = out.masked_fill(empty.view(B, n_kv, -1, 1), 0.0)
+    return out.view(B, H, T, D)
 
 
 def iter_attention(module: nn.Module) -> Iterator[Attention]:

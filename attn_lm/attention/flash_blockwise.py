@@ -289,10 +289,6 @@ class _BlockwiseAttention(SoftmaxAttention):
         self.tile_stats = TileStats(grid.computed, grid.total)
         return out
 
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
-        k_all, v_all, kv_pos = cache.append(k, v)
-        return self.attend(q, k_all, v_all, q_pos, kv_pos, mask)
-
     def tiled(self, q: Tensor, k: Tensor, v: Tensor, grid: TileGrid) -> Tensor:
         raise NotImplementedError
 

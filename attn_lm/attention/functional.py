@@ -11,7 +11,9 @@ boolean mask, written out so tests (float64) and readers can see every step. Tim
   flash / cuDNN / memory-efficient kernels on GPU, the fused CPU kernel on CPU);
 * FlexAttention with the pattern's cached ``BlockMask`` (and ALiBi as a ``score_mod``) on GPU
   for sparse patterns, so empty tiles are skipped and no ``T x T`` mask is built;
-* SDPA with a dense additive bias otherwise (CPU, decoding with a cache, user masks).
+* SDPA with a dense additive bias otherwise (CPU, user masks, padded prompts). Decoding steps do
+  not come here: they attend over a fixed-size cache explicitly
+  (:func:`~attn_lm.attention.base.cached_attention`).
 
 Rows in which no key is allowed (possible with user masks) produce zeros on every path.
 """
@@ -71,8 +73,8 @@ GPU_SDPA_PRIORITY = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDP
                      SDPBackend.MATH)
 
 
-#: With an explicit mask (decoding with a cache, user masks) cuDNN builds a new execution plan for
-#: every new key length, i.e. every decoding step (~20x slower decoding, measured on H200); the
+#: With an explicit mask (user masks, padded prompts) cuDNN builds a new execution plan for every
+#: new key length (it made the old cached decoding ~20x slower, measured on H200); the
 #: memory-efficient kernel takes masks of any length without that cost.
 GPU_MASKED_SDPA_PRIORITY = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 

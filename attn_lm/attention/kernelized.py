@@ -60,7 +60,7 @@ class KernelizedAttention(Attention):
 
     def feature_map(self, x: Tensor, pos: Tensor, is_query: bool) -> Tensor:
         """Non-negative features ``[B, H, T, feature_dim]`` of ``x [B, H, T, head_dim]`` at
-        absolute positions ``pos [T]``."""
+        absolute positions ``pos [T]`` (per row when decoding: ``[B, 1, T]``)."""
         raise NotImplementedError
 
     def features(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,23 +84,41 @@ class KernelizedAttention(Attention):
         allowed = MaskPattern(causal=self.config.causal).dense(q_pos, kv_pos)
         return quadratic_linear_attention(qf, kf, vf, combine_custom_mask(allowed, mask, qf.dtype)).to(v.dtype)
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         """Running sums ``(S, z)``; ``max_len`` is not needed (the state does not grow)."""
         return RecurrentStateCache(batch, self.n_heads, self.feature_dim, self.head_dim,
                                    torch.promote_types(dtype, torch.float32), device)
 
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
+    def reject_mask(self, mask: Optional[Tensor]) -> None:
         if mask is not None:
             raise ValueError(
                 f"attention_type {self.name!r} decodes from running sums over past keys, so a custom mask over "
                 "those keys cannot be applied; decode without a mask, or run the full forward (which honours it)"
             )
-        qf, kf, vf = self.features(q, k, v, q_pos, q_pos)
+
+    def prefill(self, q, k, v, pos, cache, mask, lengths):
+        """The chunked scan over the prompt, whose final state is the cache; padding keys get zero
+        features, so they add nothing to any sum."""
+        self.reject_mask(mask)
+        qf, kf, vf = self.features(q, k, v, pos, pos)
+        kf = kf * (pos < lengths[:, None])[:, None, :, None]
         if self.config.causal:
+            out, state = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"))
+        else:
+            out, state = noncausal_linear_attention(qf, kf, vf)
+        cache.update(state)
+        return out.to(v.dtype)
+
+    def attend_step(self, q, k, v, pos, cache, mask):
+        """``O(F D)`` per token: add the new keys to the sums, read them with the queries. One
+        token (or a non-causal layer) sees every key so far: the non-causal form with the state."""
+        self.reject_mask(mask)
+        qf, kf, vf = self.features(q, k, v, pos, pos)
+        if self.config.causal and q.shape[2] > 1:
             out, state = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"), cache.state())
         else:
             out, state = noncausal_linear_attention(qf, kf, vf, cache.state())
-        cache.update(state, q.shape[2])
+        cache.update(state)
         return out.to(v.dtype)
 
 
@@ -182,13 +200,13 @@ class PerformerAttention(KernelizedAttention):
         """Draw a fresh projection (in place, keeping the buffer's device and dtype)."""
         self.projection.copy_(self.draw_features())
 
-    def forward(self, x, context=None, mask=None, cache=None):
+    def forward(self, x, context=None, mask=None, cache=None, input_pos=None, lengths=None):
         interval = self.opt("redraw_interval")
         if self.training and interval and cache is None:
             if self.training_calls and self.training_calls % interval == 0:
                 self.redraw_features()
             self.training_calls += 1
-        return super().forward(x, context=context, mask=mask, cache=cache)
+        return super().forward(x, context, mask, cache, input_pos, lengths)
 
     def feature_map(self, x, pos, is_query):
         w = self.projection.to(x.dtype)
@@ -220,17 +238,15 @@ class CosFormerAttention(KernelizedAttention):
     def feature_dim(self) -> int:
         return 2 * self.head_dim
 
-    def forward(self, x, context=None, mask=None, cache=None):
-        # Checked here, from Python ints, so the GPU never has to sync to read positions.
-        M, end = self.config.max_seq_len, (0 if cache is None else cache.length) + x.shape[1]
+    def check_length(self, end: int) -> None:
+        M = self.config.max_seq_len
         if end > M:
             raise ValueError(
                 f"cosformer re-weights by cos(pi/2 * (i - j) / M) with M = max_seq_len = {M}; position {end - 1} is "
                 "beyond it (the weight would turn negative). Raise max_seq_len to the longest sequence you run"
             )
-        return super().forward(x, context=context, mask=mask, cache=cache)
 
     def feature_map(self, x, pos, is_query):
-        angle = (math.pi / (2 * self.config.max_seq_len)) * pos.to(x.dtype)[:, None]
+        angle = (math.pi / (2 * self.config.max_seq_len)) * pos.to(x.dtype)[..., None]
         x = F.relu(x)
         return torch.cat((x * angle.cos(), x * angle.sin()), dim=-1)

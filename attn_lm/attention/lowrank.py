@@ -19,7 +19,7 @@ No query ever sees a summary of a chunk that contains a later token, so the vari
 with ``C >= T`` it is exact causal softmax attention. Cost per layer: time
 ``O(T (C + (T/C) p) d)``, memory ``O(T (C + (T/C) p))`` — sub-quadratic, ``O(T^1.5 sqrt(p) d)`` at
 ``C ~ sqrt(T p)``. Decoding keeps only the summaries plus the current chunk
-(:class:`~attn_lm.cache.ChunkSummaryCache`, ``C + (T/C) p`` positions).
+(:class:`~attn_lm.cache.ChunkSummaryCache`, ``C + ceil(T/C) p`` positions).
 
 Positions: RoPE/xPos rotate ``q, k`` at their absolute positions *before* compression (the
 base class does it), so summaries mix rotated keys. ALiBi is unsupported (a summary stands for
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import ChunkSummaryCache
-from .base import Attention
+from .base import Attention, cached_attention, score_dtype
 from .factory import register
 from .functional import reference_attention
 
@@ -104,7 +104,7 @@ class ChunkedLowRankAttention(Attention):
             return self.attend_global(q, k, v, reference=True)
         return self.attend_chunks_reference(q, k, v)
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         if not self.config.causal:
             raise ValueError(
                 f"the published non-causal {self.name} has no incremental decoding (every output depends on the "
@@ -113,12 +113,36 @@ class ChunkedLowRankAttention(Attention):
         return ChunkSummaryCache(batch, self.n_kv_heads, max_len, self.head_dim, self.chunk_size,
                                  self.summary_len, dtype, device)
 
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
+    def prefill(self, q, k, v, pos, cache, mask, lengths):
         self.reject_mask(mask)
-        k_local, v_local = cache.extend(k, v)
-        out, summary_k, summary_v = self.attend_chunks(q, k_local, v_local, *cache.memory())
-        cache.commit(k_local, v_local, summary_k, summary_v)
+        out, summary_k, summary_v = self.attend_chunks(q, k, v, k[:, :, :0], v[:, :, :0])
+        cache.prefill(k, v, summary_k, summary_v, lengths)
         return out
+
+    def attend_step(self, q, k, v, pos, cache, mask):
+        self.reject_mask(mask)
+        return torch.cat([self.attend_token(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pos[..., t:t + 1],
+                                            cache) for t in range(q.shape[2])], dim=2)
+
+    def attend_token(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, cache: ChunkSummaryCache) -> Tensor:
+        """One token per row at ``pos [b, 1, 1]``: store it in the current chunk, attend to that
+        chunk's keys up to it and to the summaries of earlier chunks, then rewrite the current
+        chunk's summaries (complete once its last token is in). ``O((C + n p) D)`` for the
+        attention plus ``O(C p D)`` for the summaries (Linformer; Nyström averages)."""
+        C, p = self.chunk_size, self.summary_len
+        cache.write(k, v, pos)
+        chunk = torch.div(pos, C, rounding_mode="floor")
+        own_pos = chunk * C + torch.arange(C, device=q.device)
+        dtype = score_dtype(q.dtype)
+        own = torch.zeros(own_pos.shape, dtype=dtype, device=q.device).masked_fill(own_pos > pos, float("-inf"))
+        n = cache.summary_k.shape[2] // p
+        owner = torch.arange(n, device=q.device).repeat_interleave(p)
+        summary = torch.where(owner >= chunk, float("-inf"), self.summary_bias(dtype, q.device).repeat(n))
+        y = cached_attention(q, [(cache.chunk_k, cache.chunk_v, own[..., None, :]),
+                                 (cache.summary_k, cache.summary_v, summary[..., None, :])])
+        summary_k, summary_v = self.summarize(cache.chunk_k[:, :, None], cache.chunk_v[:, :, None])
+        cache.write_summary(summary_k[:, :, 0], summary_v[:, :, 0], pos)
+        return y
 
     def reject_mask(self, mask: Optional[Tensor]) -> None:
         if mask is not None:

@@ -40,14 +40,17 @@ class MaskPattern:
         return torch.ones_like(q - kv, dtype=torch.bool)
 
     def __call__(self, q: Tensor, kv: Tensor) -> Tensor:
-        ok = self.allowed(q, kv) & (kv >= 0)
+        ok = kv >= 0
         if self.causal:
             ok = ok & (kv <= q)
-        return ok
+        # The full pattern allows everything: skipping it saves ops in every decoding step.
+        return ok if self.is_full else ok & self.allowed(q, kv)
 
     def dense(self, q_pos: Tensor, kv_pos: Tensor) -> Tensor:
-        """Boolean ``[Tq, S]`` mask for query positions ``q_pos`` and key positions ``kv_pos``."""
-        return self(q_pos[:, None], kv_pos[None, :])
+        """Boolean ``[..., Tq, S]`` mask for query positions ``q_pos [..., Tq]`` and key positions
+        ``kv_pos [..., S]`` (leading dims broadcast: per-row positions when decoding a batch)."""
+        q, kv = q_pos[..., :, None], kv_pos[..., None, :]
+        return self(q, kv).expand(torch.broadcast_shapes(q.shape, kv.shape))
 
     @property
     def mask_mod(self):

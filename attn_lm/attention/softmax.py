@@ -34,7 +34,10 @@ class SDPAAttention(SoftmaxAttention):
 
     ``backend``: ``auto`` (the library's order: cuDNN > flash > memory-efficient > math on GPU),
     ``flash``, ``efficient``, ``cudnn`` or ``math``. A backend that cannot run the given
-    shape/dtype/device raises, so a benchmark never silently measures another kernel.
+    shape/dtype/device raises, so a benchmark never silently measures another kernel. Decoding
+    steps do not call SDPA (one query against a fixed-size cache: explicit attention, see
+    :func:`~attn_lm.attention.base.cached_attention`), so the backend applies to full forwards and
+    prefill.
     """
 
     description = "PyTorch fused scaled_dot_product_attention with a selectable backend"

@@ -10,8 +10,8 @@ for the pattern's mask ``M`` (tested against the dense reference), so what chang
   never builds a ``T x T`` mask. The complexities below are for this path.
 * **CPU, reference path, user masks** — SDPA with a dense mask: ``O(T^2 d)`` time and ``O(T^2)``
   memory whatever the sparsity (the mask changes the result, not the cost).
-* **decoding** — SDPA with a dense mask over the cached keys: ``O(S d)`` per new token for ``S``
-  cached keys, so the bounded caches below also bound the per-token cost.
+* **decoding** — explicit attention over the cache slots (:func:`~attn_lm.attention.base.cached_attention`):
+  ``O(S d)`` per new token for ``S`` slots, so the bounded caches below also bound the per-token cost.
 
 Decoding caches follow how far back a pattern can look. ``local``, ``block_sparse`` and
 ``longformer`` only look a bounded distance back (besides Longformer's global tokens), so they keep
@@ -24,9 +24,8 @@ import dataclasses
 import math
 
 from ..cache import SlidingWindowCache
-from .base import SoftmaxAttention
+from .base import SoftmaxAttention, cached_attention
 from .factory import register
-from .functional import softmax_attention
 from .masks import (
     BigBirdPattern,
     BlockPattern,
@@ -49,17 +48,21 @@ class _BoundedLookbackAttention(SoftmaxAttention):
         stay visible from everywhere."""
         raise NotImplementedError
 
-    def new_cache(self, batch, max_len, dtype, device):
+    def make_cache(self, batch, max_len, dtype, device):
         window, num_global = self.cache_span()
         return SlidingWindowCache(batch, self.n_kv_heads, window, self.head_dim, dtype, device, num_global)
 
-    def attend_cached(self, q, k, v, q_pos, cache, mask):
-        k_all, v_all, kv_pos = cache.append(k, v)
-        if mask is not None and mask.shape[-1] != 1:
-            # The user mask is indexed by absolute key position; the cache's slots are not in
-            # position order (empty slots, at -1, are masked by the pattern whatever we pick).
-            mask = mask.index_select(-1, kv_pos.clamp(min=0))
-        return softmax_attention(q, k_all, v_all, self.pattern, q_pos, kv_pos, mask, self.alibi, self.attn_dropout)
+    def attend_step(self, q, k, v, pos, cache, mask):
+        if q.shape[2] == 1:  # its write replaces position pos - window, which the query does not see
+            return super().attend_step(q, k, v, pos, cache, mask)
+        # Several tokens: attend over the ring as it was, plus the new keys, then store them (a
+        # write may replace a key that an earlier query of the step still sees).
+        ring_pos = cache.key_positions()
+        parts = [(cache.k, cache.v, self.step_bias(pos, ring_pos, mask, q.dtype)),
+                 (k, v, self.step_bias(pos, pos, mask, q.dtype))]
+        y = cached_attention(q, parts, mask is not None)
+        cache.write(k, v, pos)
+        return y
 
 
 @register("local")
@@ -225,15 +228,13 @@ class BigBirdAttention(SoftmaxAttention):
         """Longest sequence the random layout covers (``max_seq_len`` rounded up to whole blocks)."""
         return self.random_layout.shape[0] * self.opt("block_size")
 
-    def forward(self, x, context=None, mask=None, cache=None):
-        end = (0 if cache is None else cache.length) + x.shape[1]
+    def check_length(self, end: int) -> None:
         if end > self.covered_len:
             raise ValueError(
                 f"bigbird's random block layout covers {self.covered_len} positions (drawn for "
                 f"max_seq_len={self.config.max_seq_len}, block_size={self.opt('block_size')}) but this call "
                 f"reaches position {end - 1}; build the layer with a larger max_seq_len (GPT: block_size)"
             )
-        return super().forward(x, context, mask, cache)
 
     # The pattern must read the *current* buffer: ``.to()`` replaces it, loading a checkpoint may
     # overwrite or replace it, and block masks built from the old layout must then be dropped.

@@ -1,0 +1,236 @@
+"""Autoregressive decoding, gpt-fast style: prefill once, then one fixed-shape step per token.
+
+Small pure functions do the work:
+
+* :func:`prefill` — one forward over the prompts through the full-sequence fast path
+  (SDPA / FlexAttention / chunked scans), filling the per-layer caches (``GPT.new_caches``);
+* :func:`decode_one_token` — one token per row at explicit positions ``input_pos [B, 1]`` (a
+  device tensor). Every cache is preallocated and written at ``input_pos``, so the step has the
+  same shapes and host code at every position: :func:`compile_step` compiles it whole
+  (``fullgraph``: a graph break is an error, never a silent eager fallback), with CUDA graphs on
+  GPU (``mode="reduce-overhead"``), so a step is one graph replay instead of hundreds of launches;
+* :func:`~attn_lm.sampling.sample_next` — greedy / temperature / top-k / top-p on the device.
+
+:class:`Decoder` drives them and keeps the bookkeeping on the host (row lengths, the context
+window), so no token is read back unless the caller asks: ``GPT.generate`` reads nothing until
+the end, the CLI reads every few tokens to stream text.
+
+Dependencies run one way: this module imports nothing from :mod:`attn_lm.model`; it drives a
+model only through ``model(idx, caches=, input_pos=, lengths=)``, ``model.new_caches`` and
+``model.config`` (``GPT.generate`` is a thin wrapper over :class:`Decoder`).
+
+Batches of prompts of different lengths: prompts come left-padded (row ``b``'s prompt is its
+last ``prompt_lengths[b]`` tokens, as in Hugging Face), are right-aligned to positions
+``0 .. n_b - 1`` for the prefill (padding after the prompt, which causal attention never sees,
+and which caches overwrite before reaching it), and every row then decodes at its own positions.
+Each row gives the tokens it would give decoded alone.
+
+The context window: the model conditions on at most the last ``max_context`` tokens (default
+``block_size``, the training length). ``max_context > block_size`` lets a model whose positions
+extrapolate (see :mod:`attn_lm.positions`) read longer contexts; learned positions cannot.
+Once a row holds ``max_context`` tokens, the next token pushes the oldest one out of its window.
+Cached keys/values (or recurrent sums) of the tokens that stay were computed with the dropped
+token in their context, so the cache cannot be trimmed: from then on every step is one full
+forward over each row's last ``max_context`` tokens, at positions ``0 .. max_context - 1`` --
+the same cost and the same tokens as ``use_cache=False``; exact, not fast. Give
+``max_context >= prompt + new tokens`` (for relative positions) to stay on the fast path.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch._dynamo.exc import TorchDynamoException
+from torch._dynamo.utils import counters
+
+from .cache import LayerCache
+from .sampling import check_sampling, sample_next
+
+#: ``(model, token [B, 1], input_pos [B, 1], caches) -> logits [B, V]``.
+StepFn = Callable[[nn.Module, Tensor, Tensor, Sequence[LayerCache]], Tensor]
+
+
+def context_window(model: nn.Module, max_context: Optional[int] = None) -> int:
+    """How many of the latest tokens ``model`` conditions on: ``max_context``, default ``block_size``."""
+    block_size, position = model.config.block_size, model.config.position
+    window = block_size if max_context is None else max_context
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"max_context must be a positive number of tokens or None (= block_size), got {max_context!r}")
+    if position == "learned" and window > block_size:
+        raise ValueError(
+            f"max_context={window} is longer than block_size={block_size}, and learned positions are not "
+            f"defined past it; use max_context <= {block_size} or a model trained with position=alibi/rope/xpos/none"
+        )
+    return window
+
+
+def prefill(model: nn.Module, idx: Tensor, lengths: Optional[Tensor] = None,
+            caches: Optional[Sequence[LayerCache]] = None) -> Tensor:
+    """Logits ``[B, V]`` for the token after each row's prompt: ``idx [B, T]`` right-padded,
+    ``lengths [B]`` real tokens per row (device tensor; ``None``: every row has ``T``). With
+    ``caches``, they hold the prompts afterwards. One forward over ``T`` positions (``O(T^2)`` or
+    the mechanism's fast-path cost)."""
+    logits = model(idx, caches=caches, lengths=lengths)
+    if lengths is None:
+        return logits[:, -1]
+    return logits[torch.arange(idx.shape[0], device=idx.device), lengths - 1]
+
+
+def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor, caches: Sequence[LayerCache]) -> Tensor:
+    """Logits ``[B, V]`` after feeding ``token [B, 1]`` at positions ``input_pos [B, 1]``. Fixed
+    shapes at every position; costs what the mechanism's cache costs to read (the whole KV
+    buffer, a ring buffer, a recurrent state)."""
+    return model(token, caches=caches, input_pos=input_pos)[:, -1]
+
+
+def compile_step(device: torch.device) -> StepFn:
+    """:func:`decode_one_token` compiled as one graph: CUDA graphs on GPU (``reduce-overhead``),
+    Inductor kernels on CPU. ``fullgraph=True`` turns a graph break into an error. Each model is a
+    recompilation of the same function, so the recompile limit is raised (past it Dynamo would
+    silently run eager)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+
+
+class Decoder:
+    """One generation with a model: row lengths, the token history, the context window, the
+    caches and the (eager or compiled) decoding step.
+
+    ``max_len``: how many tokens (left-padded prompt width + generated) a row will hold at most;
+    caches are allocated once for ``min(max_len, max_context)`` positions and reused by every
+    prefill of this decoder. ``max_context``: tokens the model conditions on (default
+    ``block_size``). ``compile``: run the step through :func:`compile_step`.
+    """
+
+    def __init__(self, model: nn.Module, max_len: int, use_cache: bool = True, max_context: Optional[int] = None,
+                 compile: bool = False):
+        window = context_window(model, max_context)
+        self.model, self.use_cache, self.window, self.max_len = model, use_cache, window, max_len
+        self.capacity = min(max_len, window)
+        self.device = next(model.parameters()).device
+        self.compile = compile
+        self.step_fn: StepFn = compile_step(self.device) if compile else decode_one_token
+        self.caches: list[LayerCache] = []
+        self.caches_batch = 0
+        self.tokens: Optional[Tensor] = None  # [B, max_len] right-padded history
+        self.lengths: list[int] = []  # tokens per row so far (host ints: no sync)
+        self.input_pos: Optional[Tensor] = None  # [B, 1] position of each row's next token
+
+    @torch.no_grad()
+    def prefill(self, idx: Tensor, prompt_lengths: Optional[Sequence[int]] = None) -> Tensor:
+        """Start from the prompts ``idx [B, T]`` (``T >= 1``), left-padded: row ``b``'s prompt is
+        its last ``prompt_lengths[b]`` tokens (default: all ``T``). Returns the next-token logits
+        ``[B, V]``."""
+        if idx.dim() != 2 or idx.shape[1] == 0 or idx.dtype != torch.long:
+            raise ValueError(f"expected a non-empty prompt of token ids, int64 [B, T >= 1]; got {idx.dtype} "
+                             f"{tuple(idx.shape)}")
+        B, T = idx.shape
+        lengths = [T] * B if prompt_lengths is None else [int(n) for n in prompt_lengths]
+        if len(lengths) != B or not all(1 <= n <= T for n in lengths):
+            raise ValueError(f"prompt_lengths must give one length in [1, {T}] per row of the {B} prompts, "
+                             f"got {list(prompt_lengths)}")
+        self.tokens = idx.new_zeros(B, max(self.max_len, T))
+        pad = torch.tensor([T - n for n in lengths], device=idx.device)
+        self.tokens[:, :T] = idx.gather(1, (torch.arange(T, device=idx.device) + pad[:, None]) % T)
+        self.lengths = lengths
+        self.input_pos = torch.tensor(lengths, device=idx.device)[:, None]
+        return self._prefill_window()
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """Append ``token [B, 1]`` to every row and return the logits ``[B, V]`` for the next one."""
+        if self.tokens is None:
+            raise RuntimeError("Decoder.step() before prefill(): give the prompt first")
+        if max(self.lengths) >= self.tokens.shape[1]:
+            raise ValueError(f"this Decoder was sized for max_len={self.max_len} tokens per row; make a new one")
+        pos = self.input_pos
+        self.tokens.scatter_(1, pos, token)
+        self.input_pos = pos + 1
+        self.lengths = [n + 1 for n in self.lengths]
+        if not (self.use_cache and max(self.lengths) <= self.capacity):
+            return self._prefill_window()
+        if not self.compile:
+            return decode_one_token(self.model, token, pos, self.caches)
+        return self._compiled_step(token, pos)
+
+    def _compiled_step(self, token: Tensor, pos: Tensor) -> Tensor:
+        """The compiled step; if it cannot be compiled, the eager one after a one-line warning
+        with the reason (never silently). Also warns if CUDA graphs were skipped."""
+        if token.stride() != (1, 1):  # e.g. a column slice: the compiled step is specialised to strides
+            token = token.clone(memory_format=torch.contiguous_format)
+        skips = counters["inductor"]["cudagraph_skips"]
+        if self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            logits = self.step_fn(self.model, token, pos, self.caches)
+        except TorchDynamoException as error:  # raised while compiling, before any cache is written
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = " ".join(lines[:2])[:300] or type(error).__name__  # e.g. "backend='inductor' raised: <why>"
+            warnings.warn(f"the decoding step of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
+                          f"({reason}); decoding eagerly", stacklevel=3)
+            self.compile, self.step_fn = False, decode_one_token
+            return decode_one_token(self.model, token, pos, self.caches)
+        if counters["inductor"]["cudagraph_skips"] > skips:
+            warnings.warn("the compiled decoding step runs without CUDA graphs (TORCH_LOGS=perf_hints says why), "
+                          "one launch per kernel", stacklevel=3)
+        # A CUDA graph's output lives in its static pool and is overwritten by the next replay.
+        return logits.clone()
+
+    def _prefill_window(self) -> Tensor:
+        """Prefill each row's last ``max_context`` tokens, into the caches while the next token
+        still fits them (module docstring: the context window)."""
+        lengths = [min(n, self.window) for n in self.lengths]
+        width = max(lengths)
+        starts = torch.tensor([n - m for n, m in zip(self.lengths, lengths)], device=self.tokens.device)
+        index = (starts[:, None] + torch.arange(width, device=starts.device)).clamp(max=self.tokens.shape[1] - 1)
+        context = self.tokens.gather(1, index)
+        caches = self._caches(len(lengths)) if self.use_cache and max(self.lengths) < self.capacity else None
+        padded = torch.tensor(lengths, device=context.device) if min(lengths) < width else None
+        return prefill(self.model, context, padded, caches)
+
+    def _caches(self, batch: int) -> list[LayerCache]:
+        """The caches, allocated at the first prefill of a batch size and reused (prefill rewrites
+        every slot a later step reads), so a compiled step keeps its buffers' addresses."""
+        if self.caches_batch != batch:
+            self.caches = self.model.new_caches(batch, self.capacity)
+            self.caches_batch = batch
+            if self.compile:
+                # Buffers the graph writes in place (and fixed ones such as KV positions) keep one
+                # address, so CUDA graphs read and write them directly instead of copying them.
+                for tensor in (t for cache in self.caches for t in vars(cache).values() if isinstance(t, Tensor)):
+                    torch._dynamo.mark_static_address(tensor)
+        return self.caches
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the decoding caches of all layers (0 without caches)."""
+        return sum(cache.nbytes() for cache in self.caches)
+
+    def stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               prompt_lengths: Optional[Sequence[int]] = None) -> Iterator[Tensor]:
+        """Yield ``max_new_tokens`` sampled tokens ``[B, 1]`` (device tensors, never read here)
+        one at a time, continuing the left-padded prompts ``idx``.
+
+        The model runs in eval mode (no dropout) while the generator is alive; its previous mode
+        is restored when the generator finishes or is closed.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.prefill(idx, prompt_lengths) if max_new_tokens else None
+            for i in range(max_new_tokens):
+                token = sample_next(logits, temperature, top_k, top_p, generator)
+                yield token
+                if i + 1 < max_new_tokens:
+                    logits = self.step(token)
+        finally:
+            self.model.train(was_training)
