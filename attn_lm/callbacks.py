@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 
 
@@ -203,3 +204,35 @@ class NonFiniteLossGuard(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._check(trainer, pl_module)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting optimizer steps towards ``max_steps`` over the whole run.
+
+    Budgets here are steps (epochs only mark ``samples_per_epoch`` windows), so the bar neither
+    restarts at each epoch nor shows an epoch number or the logger's version."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.train_progress_bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        self.train_progress_bar.set_description("steps")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """One bar for the whole run (Lightning's resets it every epoch)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._should_update(step, self.train_progress_bar.total or -1):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.refresh()
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the bar open across epochs (Lightning's closes it)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

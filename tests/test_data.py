@@ -207,8 +207,7 @@ def test_wikitext2_preset_published_counts(tmp_path: Path, monkeypatch: pytest.M
         "test": 245_569,
     }
     assert dm.vocab_size == 33_278
-    metrics = dm.extra_metrics("test", 5.0)
-    assert metrics["word_perplexity"] == pytest.approx(metrics["perplexity"])  # one token per word
+    assert dm.unit == "word" and dm.extra_metrics("test", 5.0) == {"bits_per_word": pytest.approx(5.0 / np.log(2))}
     assert dm._datasets["train"].tokens.dtype == "uint16"
 
 
@@ -238,7 +237,7 @@ def test_every_preset_is_accepted_by_the_constructor() -> None:
 def test_stdlib_preset_instantiates(tmp_path: Path) -> None:
     dm = instantiate(OmegaConf.load(PRESETS / "stdlib.yaml"), cache_dir=str(tmp_path), max_chars=50_000)
     dm.setup()
-    assert (dm.vocab_size, dm.block_size, dm.primary_metric) == (256, 128, "bits_per_byte")
+    assert (dm.vocab_size, dm.block_size, dm.unit) == (256, 128, "byte")
 
 
 # ------------------------------------------------------------------------------------------
@@ -370,15 +369,14 @@ def test_train_windows_are_deterministic_and_fresh_each_epoch(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------
 
 
-def test_extra_metrics_units(tmp_path: Path) -> None:
-    dm = make_dm(tmp_path, source="text_files", train=[write_sample(tmp_path)], tokenizer="char", holdout_fraction=0.2)
-    metrics = dm.extra_metrics("validation", 0.5)
-    assert metrics["bits_per_char"] == pytest.approx(0.5 / np.log(2))
-    stats = dm.split_stats["validation"]
-    assert metrics["bits_per_byte"] == pytest.approx(0.5 / np.log(2) * stats["characters"] / stats["bytes"])
-    assert metrics["word_perplexity"] == pytest.approx(np.exp(0.5 * stats["characters"] / stats["words"]))
-    assert dm.primary_metric == "bits_per_char"
-    assert dm.extra_metrics("validation", 1e4)["word_perplexity"] == float("inf")
+@pytest.mark.parametrize("tokenizer,vocab_size,unit", [("char", None, "char"), ("byte", None, "byte"),
+                                                       ("word", None, "word"), ("bpe", 300, "token")])
+def test_metrics_are_reported_in_the_tokenizers_unit_only(tmp_path: Path, tokenizer, vocab_size, unit) -> None:
+    """A byte model gets no word perplexity (issue 13.2): only bits per its own unit."""
+    dm = make_dm(tmp_path, source="text_files", train=[write_sample(tmp_path)], tokenizer=tokenizer,
+                 vocab_size=vocab_size, holdout_fraction=0.2)
+    assert dm.unit == unit
+    assert dm.extra_metrics("validation", 0.5) == {f"bits_per_{unit}": pytest.approx(0.5 / np.log(2))}
 
 
 # ------------------------------------------------------------------------------------------

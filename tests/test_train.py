@@ -60,6 +60,12 @@ def test_cli_trains_on_real_text_and_writes_results(tmp_path, smoke_overrides):
     assert results["test_metrics"]["test/bits_per_byte"] > 0
     assert (run / ".hydra" / "config.yaml").is_file()
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    # The console starts with the run directory and a summary, ends with the metrics per unit;
+    # train.log has the same lines plus Lightning's messages, which the console leaves out.
+    assert proc.stdout.startswith(f"run directory: {run}\nmodel: 4 layers, d_model 32")
+    assert "test ppl/byte" in proc.stdout and "bits/byte" in proc.stdout and "GPU available" not in proc.stdout
+    log = (run / "train.log").read_text()
+    assert "run directory:" in log and "val ppl/byte" in log and "GPU available" in log
 
 
 def test_per_layer_attention_list_and_layer_options(tmp_path, smoke_overrides, monkeypatch):
@@ -94,7 +100,7 @@ def test_multirun_sweeps_overrides(tmp_path, smoke_overrides):
 @pytest.mark.parametrize("override,match", [
     ("model.n_heads=3", "n_heads=3 does not divide d_model=32"),
     ("data.block_size=64 model.block_size=32", "data.block_size=64 is larger than model.block_size=32"),
-    ("+attention.window_size=8", "option window_size=8 does not apply to attention_type 'full'"),
+    ("attention.window_size=8", "option window_size=8 does not apply to attention_type 'full'"),
     ("model.layer_attention=[full]", "model.layer_attention has 1 entries but model.n_layer=4"),
 ])
 def test_bad_input_fails_at_start_with_a_clear_message(tmp_path, smoke_overrides, monkeypatch, override, match):

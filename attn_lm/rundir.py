@@ -1,0 +1,101 @@
+"""Run directories that cannot be corrupted: one live run per directory, a finished run is never
+overwritten by accident, and resuming needs something to resume.
+
+:func:`claimed` is taken by :func:`attn_lm.train.train` (Python API, every job of a multirun) and,
+for a single run, already by :class:`RunDirGuard`, a Hydra callback that runs before Hydra writes
+``.hydra/`` and the log file into the directory, so a refused run leaves the directory untouched.
+Only the process of global rank 0 claims: the other ranks of a DDP/FSDP job share its directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from filelock import FileLock, Timeout
+from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import LAST, resolve_checkpoint
+from .cli import one_line_errors
+
+log = logging.getLogger(__name__)
+
+#: What a training run writes into its directory (removed by ``overwrite=true``).
+RUN_OUTPUTS = ("results.json", "checkpoints", "csv")
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path) -> Optional[Path]:
+    """The checkpoint that ``ckpt_path`` names: ``last`` = this run directory's, else a file or a
+    run directory; ``None`` when training starts from scratch."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        if not (out / LAST).is_file():
+            raise FileNotFoundError(f"ckpt_path=last, but {out / LAST} does not exist: there is nothing to resume in "
+                                    f"{out}; leave ckpt_path out to train from scratch")
+        return out / LAST
+    return resolve_checkpoint(ckpt_path)
+
+
+def previous_outputs(out: Path) -> list[str]:
+    return [name for name in RUN_OUTPUTS if (out / name).exists()]
+
+
+def check_fresh(out: Path, cfg: DictConfig) -> None:
+    """A run from scratch needs a directory without another run's outputs, unless ``overwrite=true``
+    (or a resumable sweep re-runs a failed or changed job): then those outputs are removed first,
+    so metrics and checkpoints of two runs never mix."""
+    found = previous_outputs(out)
+    if not found or cfg.get("ckpt_path") is not None:
+        return
+    if not (cfg.get("overwrite") or cfg.get("skip_completed")):
+        raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): resume it with ckpt_path=last, "
+                              "replace it with overwrite=true, or set hydra.run.dir=... to a new directory")
+    log.warning("removing the previous run's %s from %s", ", ".join(found), out)
+    for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@contextlib.contextmanager
+def claimed(out: Path, cfg: DictConfig) -> Iterator[None]:
+    """Hold ``out/.lock`` while the block runs (re-entrant in one process; the OS frees it when the
+    process dies, so a killed run can be resumed at once), after :func:`check_fresh`."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    # One lock object per path in this process (is_singleton), so claiming twice is re-entrant.
+    lock = FileLock(os.path.abspath(out / ".lock"), timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise BlockingIOError(f"another run is writing to {out} (it holds {out / '.lock'}); wait for it to end or "
+                              "set hydra.run.dir=... to another directory") from None
+    try:
+        check_fresh(out, cfg)
+        resume_checkpoint(cfg, out)
+        yield
+    finally:
+        lock.release()
+
+
+class RunDirGuard(Callback):
+    """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): claim a single run's directory
+    before Hydra writes anything into it, and keep it claimed until the run ends."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        out = Path(str(OmegaConf.select(config, "hydra.run.dir"))).resolve()
+        one_line_errors(lambda cfg: self._stack.enter_context(claimed(out, cfg)))(config)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._stack.close()
