@@ -1,6 +1,7 @@
 """What the command-line entry points (train, evaluate, generate) share: a mistake in the input is
-one line on stderr (``HYDRA_FULL_ERROR=1``: the traceback), and ``+attention.<option>=...``
-reaches the mechanism's own check.
+one line on stderr (``HYDRA_FULL_ERROR=1``: the traceback), ``+attention.<option>=...``
+reaches the mechanism's own check, and run directories named ``attention=local,seed=2`` can be
+passed unquoted.
 
 An input error is one this package raises on purpose (``ValueError``/``OSError``/
 ``FloatingPointError`` from its own code) or a Lightning ``MisconfigurationException``; anything
@@ -63,14 +64,14 @@ def report(err: BaseException) -> NoReturn:
     sys.exit(1)
 
 
-def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wrap a Hydra task function so that an input error is reported by :func:`report`, and any
+def one_line_errors(task: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an entry point (a Hydra task function) so that an input error is reported by :func:`report`, and any
     error as a traceback when ``HYDRA_FULL_ERROR=1``."""
 
     @functools.wraps(task)
-    def run(cfg: Any) -> Any:
+    def run(*args: Any) -> Any:
         try:
-            return task(cfg)
+            return task(*args)
         except Exception as err:
             if os.environ.get("HYDRA_FULL_ERROR") == "1" or not is_input_error(err):
                 raise
@@ -79,23 +80,35 @@ def one_line_errors(task: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return run
 
 
-def force_add_options(args: list[str]) -> list[str]:
-    """``+attention.<key>=v`` -> ``++attention.<key>=v``.
+#: Keys whose values are paths, which may be run directories of a comparison
+#: (``multirun/compare_attention/attention=local,seed=2``).
+PATH_KEYS = ("ckpt", "ckpt_path", "init_from", "hydra.run.dir")
 
-    Every attention option exists in the composed ``attention`` node (``conf/attention_options``),
-    so plain ``attention.window_size=64`` reaches :meth:`Attention.check_config`; ``+`` would make
-    Hydra refuse to add a key that exists, so it is passed as ``++`` (add or override)."""
-    return ["+" + arg if arg.startswith("+attention.") else arg for arg in args]
+
+def rewrite_arg(arg: str) -> str:
+    """One command-line override as Hydra should read it:
+
+    * ``+attention.<key>=v`` -> ``++attention.<key>=v``: every attention option exists in the
+      composed ``attention`` node (``conf/attention_options``), so the plain form reaches
+      :meth:`Attention.check_config`; Hydra would refuse to ``+``-add a key that exists;
+    * ``ckpt=<path with = or ,>`` -> the path quoted, so a comparison's run directory can be passed
+      as its folder is named (Hydra would read ``=`` as an error and ``,`` as a sweep)."""
+    if arg.startswith("+attention."):
+        return "+" + arg
+    key, sep, value = arg.partition("=")
+    if sep and key in PATH_KEYS and ("=" in value or "," in value) and value[:1] not in "'\"":
+        return f"{key}='" + value.replace("'", "\\'") + "'"
+    return arg
 
 
 def hydra_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
-    """The console-script ``main`` of a ``@hydra.main`` function, with :func:`force_add_options`
+    """The console-script ``main`` of a ``@hydra.main`` function, with :func:`rewrite_arg`
     applied to the command line first (Hydra reads ``sys.argv`` itself) and library deprecation
     warnings off."""
 
     @functools.wraps(hydra_main)
     def main() -> Any:
-        sys.argv = [sys.argv[0], *force_add_options(sys.argv[1:])]
+        sys.argv = [sys.argv[0], *map(rewrite_arg, sys.argv[1:])]
         # Libraries' deprecation notices are for developers of this package, not its users.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)

@@ -30,6 +30,7 @@ from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry, one_line_errors
 from .config import GPTConfig
 from .configure import CONF_DIR, check_run_config, gpt_config
+from .export import init_weights
 from .lit_module import LitGPT
 from .rundir import claimed, resume_checkpoint
 from .sweep import budget_summary, completed_results
@@ -169,6 +170,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Train (or resume) in the claimed directory ``out``, evaluate, write ``results.json``."""
     check_run_config(cfg)  # before the data is read and tokenized
     resume = resume_checkpoint(cfg, out)
+    if resume is not None and cfg.get("init_from"):
+        raise ValueError("init_from= starts a new run from trained weights and ckpt_path= resumes a run; give one")
     L.seed_everything(int(cfg.seed), workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the remaining fp32 matmuls
@@ -182,6 +185,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     log.info("%s", run_summary(cfg, model_config, datamodule))
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+    if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
+        init_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     every = cfg.get("checkpoint_every_n_steps")
     # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from attn_lm.cli import rewrite_arg
+from attn_lm import GPT
 from attn_lm.configure import CONF_DIR
 from attn_lm.data.tokenizers import CharTokenizer, WordTokenizer
 from attn_lm.evaluate import evaluate
+from attn_lm.export import export, from_pretrained, init_weights
 from attn_lm.generate import check_known, generate
 from attn_lm.rundir import claimed
 from attn_lm.train import train
@@ -166,3 +170,37 @@ def test_a_pattern_covering_the_context_is_warned_at_start(tmp_path, smoke_overr
     with pytest.raises(FileNotFoundError):  # warned before the data is read
         train(cfg)
     assert "layers 0, 1: local: window_size 32 ≥ context 32 — this is full attention" in caplog.text
+
+
+def test_a_comparison_run_directory_is_passed_as_named(finished_run, tmp_path):
+    """Issue 13.14: folders named by their overrides (``attention=local,seed=2``) work unquoted."""
+    named = tmp_path / "multirun" / "attention=local,seed=2"
+    shutil.copytree(finished_run, named)
+    proc = cli("generate", [f"ckpt={named}", "prompt=ab", "max_new_tokens=3", "device=cpu"], tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("ab"), proc.stderr
+    assert rewrite_arg("ckpt=it's/a=b") == "ckpt='it\\'s/a=b'" and rewrite_arg("ckpt_path=last") == "ckpt_path=last"
+
+
+# ------------------------------------------------------------------------------ weights out and in (6)
+def test_export_and_load_back_in_one_call(finished_run, tmp_path):
+    out = export(finished_run, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    model, tokenizer = from_pretrained(out)
+    reference, same_tokenizer = from_pretrained(finished_run)  # a run directory loads the same way
+    assert tokenizer.payload() == same_tokenizer.payload()
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()  # still tied
+    idx = torch.tensor([tokenizer.encode("def f(x):").tolist()])
+    torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+
+
+def test_init_from_copies_the_weights_and_checks_the_model(finished_run, tmp_path, smoke_overrides, monkeypatch):
+    model, tokenizer = from_pretrained(finished_run)
+    fresh = GPT(model.config)
+    init_weights(fresh, finished_run, tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="has n_layer=4, .*; this run asks for n_layer=2"):
+        train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24", "model.n_layer=2",
+                                    f"init_from={finished_run}"]))
+    results = train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24", f"init_from={finished_run}"]))
+    assert results["steps"] == 2  # a new run: its own step count, optimizer and schedule
