@@ -2,11 +2,10 @@
 configured with Hydra, for comparing attention mechanisms (perplexity vs speed vs memory)."""
 from .attention import AttentionFactory
 from .config import AttentionConfig, GPTConfig
-from .export import from_pretrained
 from .model import GPT, MLP, TransformerBlock
 from .profiler import AttentionProfiler
 from .selector import AttentionSelector
 
 __version__ = "0.1.0"
 __all__ = ["GPT", "GPTConfig", "AttentionConfig", "AttentionFactory", "TransformerBlock", "MLP",
-           "AttentionProfiler", "AttentionSelector", "from_pretrained", "__version__"]
+           "AttentionProfiler", "AttentionSelector", "__version__"]
