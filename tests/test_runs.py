@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,13 @@ def test_export_and_load_back_in_one_call(finished_run, tmp_path):
     assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()  # still tied
     idx = torch.tensor([tokenizer.encode("def f(x):").tolist()])
     torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=0)
+
+
+def test_readme_from_pretrained_example_runs(finished_run, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    example = next(b for b in blocks if "from_pretrained" in b).replace("outputs/run1", str(finished_run))
+    exec(compile(example, "README.md", "exec"), {})  # noqa: S102 - the documented example itself
+    assert capsys.readouterr().out.startswith("def main(")
 
 
 def test_init_from_copies_the_weights_and_checks_the_model(finished_run, tmp_path, smoke_overrides, monkeypatch):
