@@ -236,3 +236,26 @@ class StepProgressBar(TQDMProgressBar):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
         return metrics
+
+
+class RunClock(L.Callback):
+    """Training time over every segment of a run: the seconds of earlier segments travel in the
+    checkpoint (this callback's state), so a resumed run reports the whole run's wall time."""
+
+    def __init__(self) -> None:
+        self.previous_s = 0.0
+        self._start = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def total_s(self) -> float:
+        """Seconds of earlier segments plus this one's so far."""
+        return self.previous_s + time.perf_counter() - self._start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.total_s}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.previous_s = float(state_dict["seconds"])

@@ -6,6 +6,7 @@ evaluates, and writes ``results.json`` into the run directory.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import KernelWarmup, NonFiniteLossGuard, SpeedMonitor, StepProgressBar
+from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry, one_line_errors
 from .config import GPTConfig
@@ -161,6 +162,41 @@ def run_summary(cfg: DictConfig, model: GPTConfig, datamodule: Any) -> str:
             f"batch {datamodule.batch_size} | budget: {budget_summary(cfg)['text']}, lr {cfg.optim.lr}")
 
 
+def resume_step(path: Optional[Path]) -> Optional[int]:
+    """The optimizer step a resumed run started from (``None``: from scratch)."""
+    return None if path is None else int(read_checkpoint(path)["global_step"])
+
+
+def merge_metric_histories(csv_dir: Path) -> None:
+    """One metrics history per run: Lightning's CSV logger starts ``version_<n+1>`` when a run is
+    resumed; fold every version into ``version_0/metrics.csv`` (rows of steps that a later segment
+    logged again, i.e. redone after the checkpoint, are dropped) and remove the later versions."""
+    versions = sorted(csv_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if len(versions) < 2:
+        return
+    rows: list[dict[str, str]] = []
+    for version in versions:  # a killed segment may have no metrics.csv yet (the logger buffers)
+        segment = read_csv(version / "metrics.csv")
+        if segment:
+            first = min(int(row["step"]) for row in segment)
+            rows = [row for row in rows if int(row["step"]) < first] + segment
+    tmp = versions[0] / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, versions[0] / "metrics.csv")
+    for version in versions[1:]:
+        shutil.rmtree(version)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def check_resumable(path: Path, model_config: GPTConfig) -> None:
     """The checkpoint to resume has this run's model (one line, not Lightning's size mismatches)."""
     check_same_model(path, saved_model_config(read_checkpoint(path)), model_config)
@@ -197,7 +233,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     loggers = build_loggers(cfg, out)
     warmup = [KernelWarmup(datamodule.vocab_size, (datamodule.batch_size, datamodule.block_size),
                            (datamodule.eval_batch_size, datamodule.block_size))] if use_kernel_warmup(cfg) else []
-    callbacks = [*warmup, checkpoint, *periodic, speed, NonFiniteLossGuard()] + (
+    clock = RunClock()
+    callbacks = [*warmup, checkpoint, *periodic, speed, clock, NonFiniteLossGuard()] + (
         [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
@@ -206,9 +243,10 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)
     check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     start = time.perf_counter()
+    resumed_step = resume_step(resume)  # before fit overwrites checkpoints/last.ckpt
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
-    wall = time.perf_counter() - start
+    wall = clock.previous_s + time.perf_counter() - start  # earlier segments of a resumed run included
     peak, peak_kind = speed.peak_memory
     best = checkpoint.best_model_score
     budget = budget_summary(cfg, trainer.world_size)
@@ -232,6 +270,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "wall_time_s": wall,
+        "resumed_from_step": resumed_step,
         "warmup_s": warmup[0].seconds if warmup else 0.0,
         "device": speed.device_name,
         "precision": str(trainer.precision),
@@ -241,6 +280,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:  # one results.json per run, however many ranks
+        merge_metric_histories(out / "csv")
         write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
         log.info("%s", final_line(results, out))
     return results

@@ -104,12 +104,17 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path, smoke_overrid
 
 def test_a_finished_run_is_not_overwritten(finished_run, smoke_overrides):
     before = (finished_run / "results.json").read_text()
+    ckpt = torch.load(finished_run / "checkpoints" / "last.ckpt", weights_only=False)
+    earlier_s = ckpt["callbacks"]["RunClock"]["seconds"]  # training time up to that checkpoint
     with pytest.raises(FileExistsError, match="already holds a run .*ckpt_path=last.*overwrite=true"):
         train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24"]))
     assert (finished_run / "results.json").read_text() == before
     # Resuming continues it; overwrite=true starts over with one metrics history.
-    assert train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24", "trainer.max_steps=3",
-                                       "ckpt_path=last"]))["steps"] == 3
+    resumed = train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24", "trainer.max_steps=3",
+                                          "ckpt_path=last"]))
+    assert resumed["steps"] == 3 and resumed["resumed_from_step"] == 2
+    assert resumed["wall_time_s"] > earlier_s > 0  # the whole run's time (13.10)
+    assert [p.parent.name for p in finished_run.glob("csv/*/metrics.csv")] == ["version_0"]
     assert train(compose_cfg("train", [*smoke_overrides, *TINY, "overwrite=true"]))["steps"] == 2
     assert [p.parent.name for p in finished_run.glob("csv/*/metrics.csv")] == ["version_0"]
 
