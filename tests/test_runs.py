@@ -2,7 +2,6 @@
 directories that cannot be corrupted, checkpoints that are enough to evaluate and generate."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
