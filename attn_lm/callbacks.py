@@ -11,6 +11,7 @@ import platform
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
@@ -18,10 +19,27 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 
 
+#: Linux: writing "5" resets the process's peak resident set size (VmHWM in /proc/self/status).
+CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new peak: the CUDA allocator's, or on Linux the process's peak RSS, so a
+    run in a reused worker process (``hydra/launcher=joblib``) reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif CLEAR_REFS.exists():
+        CLEAR_REFS.write_text("5")
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA allocator peak on GPU, process max RSS on CPU."""
+    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak on GPU, peak RSS on Linux
+    (``cpu_peak_rss``); elsewhere the process's lifetime max RSS (``cpu_max_rss``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    if PROC_STATUS.exists():
+        line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10, "cpu_peak_rss"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
 
@@ -59,8 +77,7 @@ class SpeedMonitor(L.Callback):
         self.device_name = ""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        reset_peak_memory(pl_module.device)
         self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -346,9 +346,9 @@ def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots:
     if groups:
         lines += [markdown_table(groups), "",
                   f"Mean ± standard deviation over seeds. Device: {'; '.join(devices)}. Peak memory: "
-                  f"{', '.join(kinds)}" + (" (the process high-water mark: jobs that shared a process, as with "
-                                           "Hydra's basic launcher, inherit earlier peaks; hydra/launcher=joblib "
-                                           "gives each run its own process)" if "cpu_max_rss" in kinds else "")
+                  f"{', '.join(kinds)}" + (" (cpu_peak_rss: each run's own peak resident set size, reset at "
+                                           "its start; cpu_max_rss: the process high-water mark, which runs that "
+                                           "shared a process inherit)" if any("cpu" in k for k in kinds) else "")
                   + ". Pareto: no other row of the same T has both lower perplexity and higher tokens/s.", ""]
     else:
         lines += ["No complete runs found.", ""]

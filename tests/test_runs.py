@@ -216,3 +216,18 @@ def test_init_from_copies_the_weights_and_checks_the_model(finished_run, tmp_pat
                                     f"init_from={finished_run}"]))
     results = train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24", f"init_from={finished_run}"]))
     assert results["steps"] == 2  # a new run: its own step count, optimizer and schedule
+
+
+# ------------------------------------------------------------------------------ CPU peak memory (3)
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset is Linux-only")
+def test_cpu_peak_memory_is_each_runs_own():
+    """A run in a reused worker process (joblib) must not report an earlier run's peak."""
+    from attn_lm.callbacks import peak_memory_mb, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB resident
+    del big
+    before, kind = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    after, _ = peak_memory_mb(cpu)
+    assert kind == "cpu_peak_rss" and after < before - 32
