@@ -6,6 +6,7 @@ waits on the host; :class:`KernelWarmup` compiles kernels before a wall-clock bu
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
@@ -17,6 +18,8 @@ from typing import Any, Optional
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
+
+log = logging.getLogger(__name__)
 
 
 #: Linux: writing "5" resets the process's peak resident set size (VmHWM in /proc/self/status).
@@ -276,3 +279,35 @@ class RunClock(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, float]) -> None:
         self.previous_s = float(state_dict["seconds"])
+
+
+class TextSampler(L.Callback):
+    """Every ``every``-th validation, a short continuation of ``prompt`` (temperature 0.8, top-k 50,
+    a fixed seed, so samples differ only by what the model learned), written to the log and to
+    the loggers that take text (TensorBoard, W&B). Shows what a loss number means."""
+
+    def __init__(self, tokenizer: Any, every: int, max_new_tokens: int, prompt: str = "\n") -> None:
+        self.tokenizer, self.every, self.max_new_tokens, self.prompt = tokenizer, every, max_new_tokens, prompt
+        self._validations = 0
+        self._last_step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validations += 1
+        due = self._validations % self.every == 0 or not trainer.training  # the final evaluation too
+        if trainer.sanity_checking or not trainer.is_global_zero or not due or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        text = self.sample(pl_module)
+        log.info("sample at step %d:\n%s", trainer.global_step, text)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # W&B
+                logger.log_text(key="samples", columns=["step", "text"], data=[[trainer.global_step, text]])
+            elif hasattr(logger.experiment, "add_text"):  # TensorBoard
+                logger.experiment.add_text("samples", text, trainer.global_step)
+
+    def sample(self, pl_module: L.LightningModule) -> str:
+        device = pl_module.device
+        prompt = torch.tensor([self.tokenizer.encode(self.prompt).tolist()], device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        ids = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.8, top_k=50, generator=generator)
+        return self.prompt + self.tokenizer.decode(ids[0, prompt.shape[1]:].tolist())

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar
+from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar, TextSampler
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry, one_line_errors
 from .config import GPTConfig
@@ -234,7 +234,9 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     warmup = [KernelWarmup(datamodule.vocab_size, (datamodule.batch_size, datamodule.block_size),
                            (datamodule.eval_batch_size, datamodule.block_size))] if use_kernel_warmup(cfg) else []
     clock = RunClock()
-    callbacks = [*warmup, checkpoint, *periodic, speed, clock, NonFiniteLossGuard()] + (
+    sampler = [TextSampler(datamodule.tokenizer, int(cfg.sample_every), int(cfg.sample_tokens))] if cfg.get(
+        "sample_every") else []
+    callbacks = [*warmup, checkpoint, *periodic, speed, clock, *sampler, NonFiniteLossGuard()] + (
         [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))

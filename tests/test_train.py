@@ -66,6 +66,7 @@ def test_cli_trains_on_real_text_and_writes_results(tmp_path, smoke_overrides):
     assert "test ppl/byte" in proc.stdout and "bits/byte" in proc.stdout and "GPU available" not in proc.stdout
     log = (run / "train.log").read_text()
     assert "run directory:" in log and "val ppl/byte" in log and "GPU available" in log
+    assert log.count("sample at step") == 2 and "sample at step 40:" in log  # sample_every=1: each validation
 
 
 def test_per_layer_attention_list_and_layer_options(tmp_path, smoke_overrides, monkeypatch):
