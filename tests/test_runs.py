@@ -231,3 +231,10 @@ def test_cpu_peak_memory_is_each_runs_own():
     reset_peak_memory(cpu)
     after, _ = peak_memory_mb(cpu)
     assert kind == "cpu_peak_rss" and after < before - 32
+
+
+def test_generate_help_lists_only_its_own_options(tmp_path):
+    """Issue 13.18: no training groups that generate would then reject."""
+    proc = cli("generate", ["--help"], tmp_path)
+    assert proc.returncode == 0 and "allow_unknown" in proc.stdout
+    assert "attention" not in proc.stdout and "optim" not in proc.stdout
