@@ -444,3 +444,15 @@ def test_split_shorter_than_a_window(tmp_path: Path) -> None:
         make_dm(tmp_path, source="text_files", train=write_sample(tmp_path), block_size=4096)
     with pytest.raises(ValueError, match=r"validation split .* has 20 tokens .*raise max_eval_tokens \(=20\)"):
         make_dm(tmp_path, source="text_files", train=write_sample(tmp_path), max_eval_tokens=20, block_size=32)
+
+
+def test_stdlib_splits_are_90_5_5_by_size_and_no_file_dominates() -> None:
+    """Issue 13.16: one module (pydoc_data/topics.py) was 75% of the training text and validation
+    was 709k characters of a 1M-character training text."""
+    from attn_lm.data.sources import STDLIB_MAX_FILE_CHARS
+
+    corpus = load_corpus("stdlib", max_chars=900_000)
+    sizes = {split: len(text) for split, text in corpus.texts.items()}
+    assert sizes == {"train": 900_000, "validation": 50_000, "test": 50_000}
+    assert len(corpus.files["train"]) >= 900_000 // STDLIB_MAX_FILE_CHARS
+    assert not set(corpus.files["train"]) & (set(corpus.files["validation"]) | set(corpus.files["test"]))
