@@ -47,16 +47,19 @@ def previous_outputs(out: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
-def check_fresh(out: Path, cfg: DictConfig) -> None:
+def check_fresh(out: Path, cfg: DictConfig, clear: bool) -> None:
     """A run from scratch needs a directory without another run's outputs, unless ``overwrite=true``
-    (or a resumable sweep re-runs a failed or changed job): then those outputs are removed first,
-    so metrics and checkpoints of two runs never mix."""
+    (or a resumable sweep re-runs a failed or changed job): then, with ``clear``, those outputs are
+    removed, so metrics and checkpoints of two runs never mix. (Without ``clear`` only the refusal:
+    a sweep's complete job is skipped later, by ``train``, and must keep its outputs.)"""
     found = previous_outputs(out)
     if not found or cfg.get("ckpt_path") is not None:
         return
     if not (cfg.get("overwrite") or cfg.get("skip_completed")):
         raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): resume it with ckpt_path=last, "
                               "replace it with overwrite=true, or set hydra.run.dir=... to a new directory")
+    if not clear:
+        return
     log.warning("removing the previous run's %s from %s", ", ".join(found), out)
     for name in found:
         path = out / name
@@ -64,7 +67,7 @@ def check_fresh(out: Path, cfg: DictConfig) -> None:
 
 
 @contextlib.contextmanager
-def claimed(out: Path, cfg: DictConfig) -> Iterator[None]:
+def claimed(out: Path, cfg: DictConfig, clear: bool = True) -> Iterator[None]:
     """Hold ``out/.lock`` while the block runs (re-entrant in one process; the OS frees it when the
     process dies, so a killed run can be resumed at once), after :func:`check_fresh`."""
     if rank_zero_only.rank != 0:
@@ -79,7 +82,7 @@ def claimed(out: Path, cfg: DictConfig) -> Iterator[None]:
         raise BlockingIOError(f"another run is writing to {out} (it holds {out / '.lock'}); wait for it to end or "
                               "set hydra.run.dir=... to another directory") from None
     try:
-        check_fresh(out, cfg)
+        check_fresh(out, cfg, clear)
         resume_checkpoint(cfg, out)
         yield
     finally:
@@ -95,7 +98,7 @@ class RunDirGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         out = Path(str(OmegaConf.select(config, "hydra.run.dir"))).resolve()
-        one_line_errors(lambda cfg: self._stack.enter_context(claimed(out, cfg)))(config)
+        one_line_errors(lambda cfg: self._stack.enter_context(claimed(out, cfg, clear=False)))(config)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._stack.close()

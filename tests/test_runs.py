@@ -238,3 +238,15 @@ def test_generate_help_lists_only_its_own_options(tmp_path):
     proc = cli("generate", ["--help"], tmp_path)
     assert proc.returncode == 0 and "allow_unknown" in proc.stdout
     assert "attention" not in proc.stdout and "optim" not in proc.stdout
+
+
+def test_cli_skip_completed_keeps_a_complete_run(tmp_path, smoke_overrides):
+    """The run-directory guard runs before the job; it must not clear a run that skip_completed
+    then skips."""
+    args = [*smoke_overrides, *TINY, "skip_completed=true", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert cli("train", args, tmp_path).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    stamp = ckpt.stat().st_mtime_ns
+    proc = cli("train", args, tmp_path)
+    assert proc.returncode == 0 and "skipping" in (tmp_path / "run" / "train.log").read_text()
+    assert ckpt.stat().st_mtime_ns == stamp
