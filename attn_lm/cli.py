@@ -4,8 +4,8 @@ reaches the mechanism's own check, and run directories named ``attention=local,s
 passed unquoted.
 
 An input error is one this package raises on purpose (``ValueError``/``OSError``/
-``FloatingPointError`` from its own code) or a Lightning ``MisconfigurationException``; anything
-else is a bug and keeps its traceback.
+``FloatingPointError`` from its own code), a Lightning ``MisconfigurationException`` or a required
+key left unset; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf.errors import MissingMandatoryValue
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,20 @@ class BelowWarning(logging.Filter):
 
 
 def is_input_error(err: BaseException) -> bool:
-    """This package's deliberate checks, and Lightning's configuration errors."""
-    return isinstance(err, MisconfigurationException) or isinstance(err, INPUT_ERRORS) and raised_by_package(err)
+    """This package's deliberate checks, Lightning's configuration errors and a required key left
+    unset (``ckpt=???``)."""
+    if isinstance(err, (MisconfigurationException, MissingMandatoryValue)):
+        return True
+    return isinstance(err, INPUT_ERRORS) and raised_by_package(err)
 
 
 def report(err: BaseException) -> NoReturn:
     """Log ``err`` as one line (console and the job's log file), then end: a single run exits
     with status 1; a multirun job fails as :class:`InputError` so the sweep goes on."""
-    log.error("error: %s", err)
+    line = "error: " + "; ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    log.error("%s", line)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        raise InputError(f"error: {err}") from err
+        raise InputError(line) from err
     sys.exit(1)
 
 

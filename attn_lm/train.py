@@ -33,6 +33,7 @@ from .config import GPTConfig
 from .configure import CONF_DIR, check_run_config, gpt_config
 from .export import init_weights
 from .lit_module import LitGPT
+from .model import GPT
 from .rundir import claimed, resume_checkpoint
 from .sweep import budget_summary, completed_results
 
@@ -153,10 +154,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return fit_and_evaluate(cfg, out)
 
 
-def run_summary(cfg: DictConfig, model: GPTConfig, datamodule: Any) -> str:
+def run_summary(cfg: DictConfig, gpt: GPT, datamodule: Any) -> str:
     """The resolved settings that define the run, in one line (the whole config is in .hydra/)."""
+    model = gpt.config
     layers = Counter(layer.attention_type for layer in model.layer_attention)
-    return (f"model: {model.n_layer} layers, d_model {model.d_model}, {model.n_heads} heads, attention "
+    return (f"model: {gpt.num_parameters():,} parameters, {model.n_layer} layers, d_model {model.d_model}, "
+            f"{model.n_heads} heads, attention "
             f"{' + '.join(f'{n}x{name}' for name, n in layers.items())} | data: {datamodule.source}, "
             f"{datamodule.tokenizer.kind} tokenizer ({datamodule.vocab_size} tokens), block {datamodule.block_size}, "
             f"batch {datamodule.batch_size} | budget: {budget_summary(cfg)['text']}, lr {cfg.optim.lr}")
@@ -217,10 +220,10 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     model_config = gpt_config(cfg, vocab_size=datamodule.vocab_size)
     if resume is not None:
         check_resumable(resume, model_config)
-    log.info("run directory: %s%s", out, f" (resuming {resume})" if resume else "")
-    log.info("%s", run_summary(cfg, model_config, datamodule))
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+    log.info("run directory: %s%s", out, f" (resuming {resume})" if resume else "")
+    log.info("%s", run_summary(cfg, module.model, datamodule))
     if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
         init_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))

@@ -62,7 +62,7 @@ def test_cli_trains_on_real_text_and_writes_results(tmp_path, smoke_overrides):
     assert (run / "checkpoints" / "last.ckpt").is_file()
     # The console starts with the run directory and a summary, ends with the metrics per unit;
     # train.log has the same lines plus Lightning's messages, which the console leaves out.
-    assert proc.stdout.startswith(f"run directory: {run}\nmodel: 4 layers, d_model 32")
+    assert proc.stdout.startswith(f"run directory: {run}\nmodel: {results['params']:,} parameters, 4 layers, d_model 32")
     assert "test ppl/byte" in proc.stdout and "bits/byte" in proc.stdout and "GPU available" not in proc.stdout
     log = (run / "train.log").read_text()
     assert "run directory:" in log and "val ppl/byte" in log and "GPU available" in log
