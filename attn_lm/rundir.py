@@ -1,5 +1,6 @@
 """Run directories that cannot be corrupted: one live run per directory, a finished run is never
-overwritten by accident, and resuming needs something to resume.
+overwritten by accident, resuming needs something to resume, and a resumed run keeps one metrics
+history (:func:`merge_metric_histories`).
 
 :func:`claimed` is taken by :func:`attn_lm.train.train` (Python API, every job of a multirun) and,
 for a single run, already by :class:`RunDirGuard`, a Hydra callback that runs before Hydra writes
@@ -9,6 +10,7 @@ Only the process of global rank 0 claims: the other ranks of a DDP/FSDP job shar
 from __future__ import annotations
 
 import contextlib
+import csv
 import logging
 import os
 import shutil
@@ -102,3 +104,33 @@ class RunDirGuard(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._stack.close()
+
+
+def merge_metric_histories(csv_dir: Path) -> None:
+    """One metrics history per run: Lightning's CSV logger starts ``version_<n+1>`` when a run is
+    resumed; fold every version into ``version_0/metrics.csv`` (rows of steps that a later segment
+    logged again, i.e. redone after the checkpoint, are dropped) and remove the later versions."""
+    versions = sorted(csv_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    if len(versions) < 2:
+        return
+    rows: list[dict[str, str]] = []
+    for version in versions:  # a killed segment may have no metrics.csv yet (the logger buffers)
+        segment = read_csv(version / "metrics.csv")
+        if segment:
+            first = min(int(row["step"]) for row in segment)
+            rows = [row for row in rows if int(row["step"]) < first] + segment
+    tmp = versions[0] / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, versions[0] / "metrics.csv")
+    for version in versions[1:]:
+        shutil.rmtree(version)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -6,7 +6,6 @@ evaluates, and writes ``results.json`` into the run directory.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from .configure import CONF_DIR, check_run_config, gpt_config
 from .export import init_weights
 from .lit_module import LitGPT
 from .model import GPT
-from .rundir import claimed, resume_checkpoint
+from .rundir import claimed, merge_metric_histories, resume_checkpoint
 from .sweep import budget_summary, completed_results
 
 log = logging.getLogger(__name__)
@@ -165,44 +164,12 @@ def run_summary(cfg: DictConfig, gpt: GPT, datamodule: Any) -> str:
             f"batch {datamodule.batch_size} | budget: {budget_summary(cfg)['text']}, lr {cfg.optim.lr}")
 
 
-def resume_step(path: Optional[Path]) -> Optional[int]:
-    """The optimizer step a resumed run started from (``None``: from scratch)."""
-    return None if path is None else int(read_checkpoint(path)["global_step"])
-
-
-def merge_metric_histories(csv_dir: Path) -> None:
-    """One metrics history per run: Lightning's CSV logger starts ``version_<n+1>`` when a run is
-    resumed; fold every version into ``version_0/metrics.csv`` (rows of steps that a later segment
-    logged again, i.e. redone after the checkpoint, are dropped) and remove the later versions."""
-    versions = sorted(csv_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    if len(versions) < 2:
-        return
-    rows: list[dict[str, str]] = []
-    for version in versions:  # a killed segment may have no metrics.csv yet (the logger buffers)
-        segment = read_csv(version / "metrics.csv")
-        if segment:
-            first = min(int(row["step"]) for row in segment)
-            rows = [row for row in rows if int(row["step"]) < first] + segment
-    tmp = versions[0] / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, versions[0] / "metrics.csv")
-    for version in versions[1:]:
-        shutil.rmtree(version)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def check_resumable(path: Path, model_config: GPTConfig) -> None:
-    """The checkpoint to resume has this run's model (one line, not Lightning's size mismatches)."""
-    check_same_model(path, saved_model_config(read_checkpoint(path)), model_config)
+def check_resumable(path: Path, model_config: GPTConfig) -> int:
+    """The checkpoint to resume has this run's model (one line, not Lightning's size mismatches);
+    returns the optimizer step it was written at."""
+    ckpt = read_checkpoint(path)
+    check_same_model(path, saved_model_config(ckpt), model_config)
+    return int(ckpt["global_step"])
 
 
 def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -218,8 +185,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model_config = gpt_config(cfg, vocab_size=datamodule.vocab_size)
-    if resume is not None:
-        check_resumable(resume, model_config)
+    resumed_step = None if resume is None else check_resumable(resume, model_config)
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
     log.info("run directory: %s%s", out, f" (resuming {resume})" if resume else "")
@@ -248,7 +214,6 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)
     check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     start = time.perf_counter()
-    resumed_step = resume_step(resume)  # before fit overwrites checkpoints/last.ckpt
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
     wall = clock.previous_s + time.perf_counter() - start  # earlier segments of a resumed run included
