@@ -340,10 +340,10 @@ def test_eval_pass_scores_every_target_exactly_once(n: int, block: int, stride: 
 
 @pytest.mark.parametrize("eval_stride", [None, 5])
 def test_eval_loader_covers_the_split(tmp_path: Path, eval_stride: int | None) -> None:
-    dm = make_dm(tmp_path, max_chars=5_000, eval_stride=eval_stride, eval_batch_size=7)
+    dm = make_dm(tmp_path, max_chars=9_000, eval_stride=eval_stride, eval_batch_size=7)  # 500-char splits
     scored = sum(int((y != IGNORE_INDEX).sum()) for _, y in dm.val_dataloader())
     assert scored == dm.split_stats["validation"]["tokens"] - 1
-    capped = make_dm(tmp_path, max_chars=5_000, eval_stride=eval_stride, max_eval_tokens=300)
+    capped = make_dm(tmp_path, max_chars=9_000, eval_stride=eval_stride, max_eval_tokens=300)
     assert sum(int((y != IGNORE_INDEX).sum()) for _, y in capped.test_dataloader()) == 299
 
 
