@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar, TextSampler
@@ -153,6 +154,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return fit_and_evaluate(cfg, out)
 
 
+@rank_zero_only
+def announce(*lines: str) -> None:
+    """Log the run's opening lines once: from global rank 0 (DDP starts one process per rank)."""
+    for line in lines:
+        log.info("%s", line)
+
+
 def run_summary(cfg: DictConfig, gpt: GPT, datamodule: Any) -> str:
     """The resolved settings that define the run, in one line (the whole config is in .hydra/)."""
     model = gpt.config
@@ -188,8 +196,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     resumed_step = None if resume is None else check_resumable(resume, model_config)
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
-    log.info("run directory: %s%s", out, f" (resuming {resume})" if resume else "")
-    log.info("%s", run_summary(cfg, module.model, datamodule))
+    announce(f"run directory: {out}" + (f" (resuming {resume})" if resume else ""),
+             run_summary(cfg, module.model, datamodule))
     if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
         init_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
