@@ -250,3 +250,15 @@ def test_cli_skip_completed_keeps_a_complete_run(tmp_path, smoke_overrides):
     proc = cli("train", args, tmp_path)
     assert proc.returncode == 0 and "skipping" in (tmp_path / "run" / "train.log").read_text()
     assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_a_bpe_of_the_same_size_trained_on_other_text_is_refused():
+    """Issue 13.5: same kind and vocabulary size is not the same tokenizer."""
+    from attn_lm.data.tokenizers import build_tokenizer, check_same_tokenizer
+
+    code = build_tokenizer("bpe", "def main(x):\n    return x + 1\n" * 50, 270)
+    prose = build_tokenizer("bpe", "To be, or not to be, that is the question.\n" * 50, 270)
+    assert code.vocab_size == prose.vocab_size
+    check_same_tokenizer(code.payload(), code, "the checkpoint", "the data")
+    with pytest.raises(ValueError, match=r"both have a bpe tokenizer of \d+ tokens, but not the same vocabulary"):
+        check_same_tokenizer(code.payload(), prose, "the checkpoint", "the data")
