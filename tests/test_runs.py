@@ -2,6 +2,7 @@
 directories that cannot be corrupted, checkpoints that are enough to evaluate and generate."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -262,3 +263,15 @@ def test_a_bpe_of_the_same_size_trained_on_other_text_is_refused():
     check_same_tokenizer(code.payload(), code, "the checkpoint", "the data")
     with pytest.raises(ValueError, match=r"both have a bpe tokenizer of \d+ tokens, but not the same vocabulary"):
         check_same_tokenizer(code.payload(), prose, "the checkpoint", "the data")
+
+
+def test_evaluate_cli_writes_its_log_and_takes_a_comparison_folder(finished_run, tmp_path):
+    """Issues 13.11 and 13.14: evaluate.log is filled; a folder named attention=local,seed=2 is
+    passed unquoted."""
+    named = tmp_path / "multirun" / "attention=local,seed=2"
+    shutil.copytree(finished_run, named)
+    proc = cli("evaluate", [f"ckpt={named}", f"hydra.run.dir={tmp_path / 'eval'}", "trainer.enable_progress_bar=false"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert '"unit": "byte"' in (tmp_path / "eval" / "evaluate.log").read_text()
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["block_size"] == 24
