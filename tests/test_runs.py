@@ -39,13 +39,22 @@ def cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.Compl
                           text=True, timeout=600, env=environ)
 
 
-@pytest.fixture
-def finished_run(tmp_path, smoke_overrides, monkeypatch) -> Path:
-    """A finished two-step run in ``tmp_path/run`` (the working directory), at block size 24."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, smoke_overrides) -> Path:
+    """A finished two-step run at block size 24, trained once for this module."""
+    run = tmp_path_factory.mktemp("trained") / "run"
     run.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(run)  # outside Hydra the working directory is the run directory
+        train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24"]))
+    return run
+
+
+@pytest.fixture
+def finished_run(trained_run, tmp_path, monkeypatch) -> Path:
+    """A copy of ``trained_run`` in ``tmp_path/run``, the working directory (tests may change it)."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
     monkeypatch.chdir(run)
-    train(compose_cfg("train", [*smoke_overrides, *TINY, "data.block_size=24"]))
     return run
 
 
