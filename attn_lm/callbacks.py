@@ -1,28 +1,50 @@
 """Lightning callbacks around a run: :class:`SpeedMonitor` measures throughput (tokens/s), step
 time, peak memory and an MFU estimate, timing windows of ``log_every_n_steps`` steps with a host
 clock and synchronizing the device only at window boundaries, so the training step itself never
-waits on the host; :class:`LossProgressBar` reads the loss only when it refreshes;
+waits on the host; :class:`StepProgressBar` reads the loss only when it refreshes;
 :class:`KernelWarmup` compiles kernels before a wall-clock budget starts;
 :class:`NonFiniteLossGuard` stops a run at a non-finite loss.
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+log = logging.getLogger(__name__)
+
+
+#: Linux: writing "5" resets the process's peak resident set size (VmHWM in /proc/self/status).
+CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring a new peak: the CUDA allocator's, or on Linux the process's peak RSS, so a
+    run in a reused worker process (``hydra/launcher=joblib``) reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif CLEAR_REFS.exists():
+        CLEAR_REFS.write_text("5")
+
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory so far: CUDA allocator peak on GPU, process max RSS on CPU."""
+    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak on GPU, peak RSS on Linux
+    (``cpu_peak_rss``); elsewhere the process's lifetime max RSS (``cpu_max_rss``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    if PROC_STATUS.exists():
+        line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**10, "cpu_peak_rss"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
 
@@ -60,8 +82,7 @@ class SpeedMonitor(L.Callback):
         self.device_name = ""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        reset_peak_memory(pl_module.device)
         self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -123,21 +144,6 @@ class SpeedMonitor(L.Callback):
             return {}
         return {"tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / steps,
                 "measured_steps": steps, "train_seconds": self.train_seconds}
-
-
-class LossProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, showing the training loss only when it refreshes.
-
-    A metric logged with ``prog_bar=True`` is read from the device after every batch (a host
-    sync per step); this bar reads ``pl_module.last_train_loss`` every ``refresh_rate`` steps."""
-
-    def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
-        items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)  # the logger's version number says nothing about the run
-        loss = getattr(pl_module, "last_train_loss", None)
-        if loss is not None and trainer.training:
-            items["loss"] = f"{float(loss):.4g}"
-        return items
 
 
 class KernelWarmup(L.Callback):
@@ -220,3 +226,96 @@ class NonFiniteLossGuard(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._check(trainer, pl_module)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting optimizer steps towards ``max_steps`` over the whole run.
+
+    Budgets here are steps (epochs only mark ``samples_per_epoch`` windows), so the bar neither
+    restarts at each epoch nor shows an epoch number or the logger's version. It shows the
+    training loss only when it refreshes, read from ``pl_module.last_train_loss``: a metric
+    logged with ``prog_bar=True`` is read from the device after every batch (a host sync per
+    step)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        self.train_progress_bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        self.train_progress_bar.set_description("steps")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        """One bar for the whole run (Lightning's resets it every epoch)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._should_update(step, self.train_progress_bar.total or -1):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.refresh()
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Keep the bar open across epochs (Lightning's closes it)."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is not None and trainer.training:
+            metrics["loss"] = f"{float(loss):.4g}"
+        return metrics
+
+
+class RunClock(L.Callback):
+    """Training time over every segment of a run: the seconds of earlier segments travel in the
+    checkpoint (this callback's state), so a resumed run reports the whole run's wall time."""
+
+    def __init__(self) -> None:
+        self.previous_s = 0.0
+        self._start = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @property
+    def total_s(self) -> float:
+        """Seconds of earlier segments plus this one's so far."""
+        return self.previous_s + time.perf_counter() - self._start
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.total_s}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.previous_s = float(state_dict["seconds"])
+
+
+class TextSampler(L.Callback):
+    """Every ``every``-th validation, a short continuation of ``prompt`` (temperature 0.8, top-k 50,
+    a fixed seed, so samples differ only by what the model learned), written to the log and to
+    the loggers that take text (TensorBoard, W&B). Shows what a loss number means."""
+
+    def __init__(self, tokenizer: Any, every: int, max_new_tokens: int, prompt: str = "\n") -> None:
+        self.tokenizer, self.every, self.max_new_tokens, self.prompt = tokenizer, every, max_new_tokens, prompt
+        self._validations = 0
+        self._last_step = -1
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validations += 1
+        due = self._validations % self.every == 0 or not trainer.training  # the final evaluation too
+        if trainer.sanity_checking or not trainer.is_global_zero or not due or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        text = self.sample(pl_module)
+        log.info("sample at step %d:\n%s", trainer.global_step, text)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # W&B
+                logger.log_text(key="samples", columns=["step", "text"], data=[[trainer.global_step, text]])
+            elif hasattr(logger.experiment, "add_text"):  # TensorBoard
+                logger.experiment.add_text("samples", text, trainer.global_step)
+
+    def sample(self, pl_module: L.LightningModule) -> str:
+        device = pl_module.device
+        prompt = torch.tensor([self.tokenizer.encode(self.prompt).tolist()], device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        ids = pl_module.model.generate(prompt, self.max_new_tokens, temperature=0.8, top_k=50, generator=generator)
+        return self.prompt + self.tokenizer.decode(ids[0, prompt.shape[1]:].tolist())

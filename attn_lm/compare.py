@@ -6,8 +6,8 @@ Reads every run directory below the given paths (a directory with ``results.json
 setting that differs between them, except the seed), and writes into ``--out``:
 
 * ``report.md``   — one row per group: parameters, validation / test perplexity as mean ± standard
-  deviation over seeds, word perplexity and bits per character when the data module reported
-  them, training tokens/s, step time, peak memory, wall time, budget; then the runs that
+  deviation over seeds, per the tokenizer's unit (byte, char, word or BPE token: the ``unit``
+  column), bits per that unit, training tokens/s, step time, peak memory, wall time, budget; then the runs that
   failed or never ran, and the plots;
 * ``summary.csv`` — the same numbers per group (means and standard deviations), ``runs.csv`` —
   one row per run, failed ones included;
@@ -58,8 +58,7 @@ def _test(name: str) -> Callable[[dict], Optional[float]]:
 METRICS = (
     Metric("val_ppl", "val ppl", lambda r: r.get("val_ppl"), "{:.2f}"),
     Metric("test_ppl", "test ppl", _test("ppl"), "{:.2f}"),
-    Metric("word_ppl", "test word ppl", _test("word_perplexity"), "{:.4g}"),
-    Metric("bpc", "test bits/char", _test("bits_per_char"), "{:.3f}"),
+    Metric("test_bits", "test bits/unit", lambda r: _test(f"bits_per_{r.get('unit')}")(r), "{:.3f}"),
     Metric("tokens_per_s", "train tokens/s", lambda r: r.get("tokens_per_s"), "{:,.0f}"),
     Metric("step_ms", "step ms", lambda r: r.get("step_ms"), "{:.1f}"),
     Metric("peak_memory_mb", "peak MB", lambda r: r.get("peak_memory_mb"), "{:,.0f}"),
@@ -280,7 +279,7 @@ def _cell(group: Group, metric: Metric) -> str:
 
 
 def _present(groups: Sequence[Group]) -> list[Metric]:
-    """Metrics that at least one group has (word ppl / bits per char depend on the data module)."""
+    """Metrics that at least one group has (older results.json lack the unit, so their bits)."""
     return [m for m in METRICS if any(g.values(m) for g in groups)]
 
 
@@ -328,10 +327,10 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def markdown_table(groups: Sequence[Group]) -> str:
     metrics = _present(groups)
-    header = ["mechanism", "T", "seeds", "params", *[m.header for m in metrics], "budget", "Pareto"]
+    header = ["mechanism", "T", "seeds", "params", "unit", *[m.header for m in metrics], "budget", "Pareto"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
-        cells = [g.label, str(g.block_size), str(len(g.runs)), f"{g.first('params'):,}",
+        cells = [g.label, str(g.block_size), str(len(g.runs)), f"{g.first('params'):,}", str(g.first("unit") or "token"),
                  *[_cell(g, m) for m in metrics], run_budget(g.runs[0].results),
                  "✓" if g.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -347,9 +346,9 @@ def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots:
     if groups:
         lines += [markdown_table(groups), "",
                   f"Mean ± standard deviation over seeds. Device: {'; '.join(devices)}. Peak memory: "
-                  f"{', '.join(kinds)}" + (" (the process high-water mark: jobs that shared a process, as with "
-                                           "Hydra's basic launcher, inherit earlier peaks; hydra/launcher=joblib "
-                                           "gives each run its own process)" if "cpu_max_rss" in kinds else "")
+                  f"{', '.join(kinds)}" + (" (cpu_peak_rss: each run's own peak resident set size, reset at "
+                                           "its start; cpu_max_rss: the process high-water mark, which runs that "
+                                           "shared a process inherit)" if any("cpu" in k for k in kinds) else "")
                   + ". Pareto: no other row of the same T has both lower perplexity and higher tokens/s.", ""]
     else:
         lines += ["No complete runs found.", ""]

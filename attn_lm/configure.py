@@ -8,14 +8,17 @@ selected ``attention`` group option, that node, with its overrides, is used) or 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, get_args, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .attention import AttentionFactory
 from .attention.factory import canonical_name
 from .config import AttentionConfig, GPTConfig, attention_config_from_dict
+
+log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -74,3 +77,89 @@ def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     for layer in config.layer_attention:
         AttentionFactory.get_class(layer.attention_type).check_config(layer)
     return config
+
+
+class Rule(NamedTuple):
+    """What a run-level value must be: its types, a range test, and the words for both."""
+
+    types: tuple[type, ...]
+    test: Any
+    wanted: str
+    nullable: bool = False
+
+
+_NUMBER, _INT = (int, float), (int,)
+_ABSENT = object()
+#: Values of the trainer/optim/run nodes that would otherwise fail late (after the data is
+#: tokenized, or after training started) with a message that does not name them.
+RUN_VALUES = {
+    "seed": Rule(_INT, lambda v: True, "an integer"),
+    "trainer.max_steps": Rule(_INT, lambda v: v >= -1, "an integer >= -1 (-1 = no step limit)"),
+    "trainer.val_check_interval": Rule(_NUMBER, lambda v: v > 0, "a positive number (steps, or a fraction of an epoch)", True),
+    "trainer.log_every_n_steps": Rule(_INT, lambda v: v > 0, "a positive integer"),
+    "trainer.accumulate_grad_batches": Rule(_INT, lambda v: v > 0, "a positive integer"),
+    "trainer.gradient_clip_val": Rule(_NUMBER, lambda v: v >= 0, "a number >= 0 or null", True),
+    "optim.lr": Rule(_NUMBER, lambda v: v > 0, "a positive number"),
+    "optim.weight_decay": Rule(_NUMBER, lambda v: v >= 0, "a number >= 0"),
+    "optim.warmup_steps": Rule(_INT, lambda v: v >= 0, "an integer >= 0"),
+    "optim.min_lr_ratio": Rule(_NUMBER, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.eps": Rule(_NUMBER, lambda v: v > 0, "a positive number"),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """``isinstance`` where a bool is not a number and an int is also a float."""
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def _check_field(key: str, value: Any, hint: Any) -> None:
+    kinds = get_args(hint) or (hint,)
+    if not all(k in (int, float, bool, str, type(None)) for k in kinds):
+        return  # not a scalar field (e.g. GPTConfig.attention)
+    if value is None and type(None) in kinds or any(_is(value, k) for k in kinds if k is not type(None)):
+        return
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    raise ValueError(f"{key}={value!r} must be {names}")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Name the key of a value of the wrong type or range, before anything is built: the model
+    and attention nodes against the fields of :class:`GPTConfig` / :class:`AttentionConfig`, the
+    run's trainer/optim values against :data:`RUN_VALUES`."""
+    for section, schema in (("model", GPTConfig), ("attention", AttentionConfig)):
+        hints = get_type_hints(schema)
+        for key, value in _as_dict(cfg[section]).items():
+            if key in hints:
+                _check_field(f"{section}.{key}", value, hints[key])
+    for key, rule in RUN_VALUES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT or value is None and rule.nullable:
+            continue  # a preset without the key keeps the library's default
+        if not (any(_is(value, k) for k in rule.types) and rule.test(value)):
+            raise ValueError(f"{key}={value!r} must be {rule.wanted}")
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Every check of the composed config that needs no data: types and ranges, the model and each
+    layer's attention (vocabulary size not known yet), and the context length."""
+    check_types(cfg)
+    model = gpt_config(cfg, vocab_size=1)
+    if int(cfg.data.block_size) > model.block_size:
+        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
+                         f"{model.block_size}, the longest context the model supports")
+    for reason in full_attention_layers(model, int(cfg.data.block_size)):
+        log.warning("%s", reason)
+
+
+def full_attention_layers(model: GPTConfig, context_len: int) -> list[str]:
+    """One line per distinct reason why layers compute plain full attention at ``context_len``
+    (``Attention.covers_context``), naming the layers, e.g. ``layers 0, 1: local: window_size 256 ≥
+    context 128 — this is full attention``."""
+    layers: dict[str, list[int]] = {}
+    for i, layer in enumerate(model.layer_attention):
+        reason = AttentionFactory.get_class(layer.attention_type).covers_context(layer, context_len)
+        if reason:
+            layers.setdefault(reason, []).append(i)
+    return [f"layer{'s' * (len(idx) > 1)} {', '.join(map(str, idx))}: {reason}" for reason, idx in layers.items()]

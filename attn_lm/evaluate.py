@@ -1,55 +1,86 @@
-"""``python -m attn_lm.evaluate ckpt=... data=...``: perplexity and throughput of a checkpoint on
-a whole split (deterministic pass, every token scored once), written to ``evaluation.json``."""
+"""``python -m attn_lm.evaluate ckpt=<run dir or .ckpt> [data=<preset>] [split=test|validation]``:
+perplexity and throughput of a checkpoint on a whole split (deterministic pass, every token scored
+once), written to ``evaluation.json``.
+
+The checkpoint is enough: without ``data=`` the data settings of its training run are used, at its
+training context (``block_size=null``); the tokenizer must be the checkpoint's (saved in it), so
+evaluating on other data with another tokenizer is an error naming both.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import time
-from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .configure import CONF_DIR
-from .lit_module import LitGPT
 from .callbacks import device_name
+from .checkpoint import Loaded, load_checkpoint
+from .cli import hydra_entry, one_line_errors
+from .config import GPTConfig
+from .configure import CONF_DIR
+from .data import LMDataModule
 from .train import check_writable, run_dir
+
+log = logging.getLogger(__name__)
+
+
+def check_context(block_size: int, model: GPTConfig) -> None:
+    """Learned positions exist only up to the trained ``block_size``."""
+    if model.position == "learned" and block_size > model.block_size:
+        raise ValueError(f"block_size={block_size} is longer than the checkpoint's model.block_size={model.block_size} "
+                         f"(learned positions stop there); use block_size<={model.block_size}")
+
+
+def evaluation_data(cfg: DictConfig, loaded: Loaded) -> Any:
+    """The data module to evaluate on: ``data=`` or the training run's settings, at ``block_size``
+    (default: the training run's), with the checkpoint's tokenizer checked."""
+    block_size = int(cfg.block_size or loaded.data["block_size"])
+    check_context(block_size, loaded.module.model_config)
+    if cfg.get("data") is not None:
+        datamodule = instantiate(cfg.data, block_size=block_size)
+    else:
+        datamodule = LMDataModule(**{**loaded.data, "block_size": block_size})
+    datamodule.prepare_data()
+    datamodule.setup("test" if cfg.split == "test" else "validate")
+    datamodule.load_state_dict({"tokenizer": loaded.tokenizer.payload()})  # same tokenizer, or an error
+    return datamodule
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    ckpt = Path(str(cfg.ckpt)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist (pass ckpt=path/to/checkpoint.ckpt)")
     if cfg.split not in ("test", "validation"):
         raise ValueError(f"split={cfg.split!r}; valid: test, validation")
+    loaded = load_checkpoint(cfg.ckpt)
     out = run_dir()
     check_writable(out)
     L.seed_everything(int(cfg.seed))
-    module = LitGPT.load_from_checkpoint(str(ckpt), map_location="cpu")
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("test" if cfg.split == "test" else "validate")
-    if datamodule.vocab_size != module.model_config.vocab_size:
-        raise ValueError(f"the data's tokenizer has {datamodule.vocab_size} tokens but the checkpoint was trained with "
-                         f"{module.model_config.vocab_size}; use the data preset and tokenizer of the training run")
+    datamodule = evaluation_data(cfg, loaded)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=False, default_root_dir=str(out), callbacks=[])
     run = trainer.test if cfg.split == "test" else trainer.validate
     start = time.perf_counter()
-    metrics = run(module, datamodule=datamodule, verbose=False)[0]
+    metrics = run(loaded.module, datamodule=datamodule, verbose=False)[0]
     seconds = time.perf_counter() - start
     tokens = datamodule.split_stats[cfg.split]["tokens"]
-    result = {"checkpoint": str(ckpt), "split": cfg.split, **{k: float(v) for k, v in metrics.items()},
+    result = {"checkpoint": str(loaded.path), "split": cfg.split, "unit": datamodule.unit,
+              "block_size": datamodule.block_size, **{k: float(v) for k, v in metrics.items()},
               "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-              "device": device_name(trainer.strategy.root_device), "attention": module.model.layer_types}
+              "device": device_name(trainer.strategy.root_device), "attention": loaded.module.model.layer_types}
     (out / "evaluation.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    log.info("%s", json.dumps(result, indent=2))
     return result
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@one_line_errors
+def _main(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+main = hydra_entry(_main)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""``python -m attn_lm.generate ckpt=... data=<training preset> prompt="..."`` (console script
+"""``python -m attn_lm.generate ckpt=<run dir or .ckpt> prompt="..."`` (console script
 ``attn-lm-generate``): sample text from a checkpoint, streamed to stdout as it is produced.
 
-The tokenizer is rebuilt by the data module of the training preset (same source and tokenizer
-settings give the same vocabulary; a mismatch with the checkpoint is an error). Decoding uses
+The tokenizer is the one saved in the checkpoint (no data preset needed); prompt characters
+outside its vocabulary are an error unless ``allow_unknown=true``. Decoding uses
 :class:`attn_lm.decoding.Decoder` (prefill, then one cached step per token; on GPU the step is
 one compiled CUDA graph unless ``compile=false``); tokens stay on the device and are read every
 ``stream_every`` steps to stream the text. stdout gets only the text (prompt, then
@@ -14,17 +14,16 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Optional, TextIO
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .checkpoint import load_checkpoint
+from .cli import hydra_entry, one_line_errors
 from .configure import CONF_DIR
 from .data import Tokenizer
-from .lit_module import LitGPT
 from .decoding import Decoder, context_window
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_known(tokenizer: Tokenizer, prompt: str, allow_unknown: bool) -> None:
+    """Name the prompt's characters (words) outside the vocabulary: an error, or with
+    ``allow_unknown`` a warning (they become ``<unk>``)."""
+    unknown = tokenizer.unknown(prompt)
+    if not unknown:
+        return
+    message = (f"the prompt has {len(unknown)} {tokenizer.unit}(s) that the checkpoint's {tokenizer.kind} tokenizer "
+               f"does not know: {' '.join(map(repr, unknown[:20]))}")
+    if not allow_unknown:
+        raise ValueError(f"{message}; remove them, or set allow_unknown=true to encode them as <unk>")
+    log.warning("%s; they become <unk>", message)
+
+
 def encode_prompt(tokenizer: Tokenizer, prompt: str, window: int, strict: bool) -> list[int]:
     """Token ids of the prompt, cut to the last ``window`` tokens (or an error when ``strict``)."""
     ids = tokenizer.encode(prompt).tolist()
@@ -77,18 +89,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, window: int, strict: bool) 
 def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
     """Generate from ``cfg`` (see ``conf/generate.yaml``), writing the text to ``out`` (default
     stdout); returns the text and the measurements."""
-    ckpt = Path(str(cfg.ckpt)).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist (pass ckpt=path/to/checkpoint.ckpt)")
     device = resolve_device(str(cfg.device))
-    model = LitGPT.load_from_checkpoint(str(ckpt), map_location=device).model.to(device)
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    tokenizer = datamodule.tokenizer
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"the data's tokenizer has {tokenizer.vocab_size} tokens but the checkpoint was trained with "
-                         f"{model.config.vocab_size}; use the data preset and tokenizer settings of the training run")
+    loaded = load_checkpoint(cfg.ckpt, device)
+    model, tokenizer = loaded.module.model, loaded.tokenizer
     max_new = int(cfg.max_new_tokens)
+    check_known(tokenizer, str(cfg.prompt), bool(cfg.allow_unknown))
     prompt = encode_prompt(tokenizer, str(cfg.prompt), context_window(model, cfg.max_context), bool(cfg.strict_prompt))
     compiled = device.type == "cuda" if str(cfg.compile) == "auto" else bool(cfg.compile)
     decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context, compile=compiled)
@@ -133,8 +138,12 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@one_line_errors
+def _main(cfg: DictConfig) -> None:
     generate(cfg)
+
+
+main = hydra_entry(_main)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class LitGPT(L.LightningModule):
         _, loss = self(x, y)
         self._book_nonfinite(torch.isfinite(loss.detach()))
         # Not prog_bar=True: Lightning converts progress-bar metrics to Python floats after every
-        # batch, a host sync per step (measured +11% step time on an H200). LossProgressBar shows
+        # batch, a host sync per step (measured +11% step time on an H200). StepProgressBar shows
         # the loss at its refresh interval instead.
         self.log("train/loss", loss, on_step=True, on_epoch=False)
         self.last_train_loss = loss.detach()

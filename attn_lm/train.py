@@ -7,10 +7,12 @@ evaluates, and writes ``results.json`` into the run directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,12 +23,21 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import KernelWarmup, LossProgressBar, NonFiniteLossGuard, SpeedMonitor
-from .configure import CONF_DIR, gpt_config
+from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar, TextSampler
+from .checkpoint import check_same_model, read_checkpoint, saved_model_config
+from .cli import hydra_entry, one_line_errors
+from .config import GPTConfig
+from .configure import CONF_DIR, check_run_config, gpt_config
+from .export import init_weights
 from .lit_module import LitGPT
+from .model import GPT
+from .rundir import claimed, merge_metric_histories, resume_checkpoint
 from .sweep import budget_summary, completed_results
+
+log = logging.getLogger(__name__)
 
 
 def run_dir() -> Path:
@@ -139,6 +150,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if finished is not None:
         return finished
     check_writable(out)
+    with claimed(out, cfg):
+        return fit_and_evaluate(cfg, out)
+
+
+@rank_zero_only
+def announce(*lines: str) -> None:
+    """Log the run's opening lines once: from global rank 0 (DDP starts one process per rank)."""
+    for line in lines:
+        log.info("%s", line)
+
+
+def run_summary(cfg: DictConfig, gpt: GPT, datamodule: Any) -> str:
+    """The resolved settings that define the run, in one line (the whole config is in .hydra/)."""
+    model = gpt.config
+    layers = Counter(layer.attention_type for layer in model.layer_attention)
+    return (f"model: {gpt.num_parameters():,} parameters, {model.n_layer} layers, d_model {model.d_model}, "
+            f"{model.n_heads} heads, attention "
+            f"{' + '.join(f'{n}x{name}' for name, n in layers.items())} | data: {datamodule.source}, "
+            f"{datamodule.tokenizer.kind} tokenizer ({datamodule.vocab_size} tokens), block {datamodule.block_size}, "
+            f"batch {datamodule.batch_size} | budget: {budget_summary(cfg)['text']}, lr {cfg.optim.lr}")
+
+
+def check_resumable(path: Path, model_config: GPTConfig) -> int:
+    """The checkpoint to resume has this run's model (one line, not Lightning's size mismatches);
+    returns the optimizer step it was written at."""
+    ckpt = read_checkpoint(path)
+    check_same_model(path, saved_model_config(ckpt), model_config)
+    return int(ckpt["global_step"])
+
+
+def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Train (or resume) in the claimed directory ``out``, evaluate, write ``results.json``."""
+    check_run_config(cfg)  # before the data is read and tokenized
+    resume = resume_checkpoint(cfg, out)
+    if resume is not None and cfg.get("init_from"):
+        raise ValueError("init_from= starts a new run from trained weights and ckpt_path= resumes a run; give one")
     L.seed_everything(int(cfg.seed), workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for the remaining fp32 matmuls
@@ -146,11 +193,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model_config = gpt_config(cfg, vocab_size=datamodule.vocab_size)
-    if int(cfg.data.block_size) > model_config.block_size:
-        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
-                         f"{model_config.block_size}, the longest context the model supports")
+    resumed_step = None if resume is None else check_resumable(resume, model_config)
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+    announce(f"run directory: {out}" + (f" (resuming {resume})" if resume else ""),
+             run_summary(cfg, module.model, datamodule))
+    if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
+        init_weights(module.model, str(cfg.init_from), datamodule.tokenizer)
     speed = SpeedMonitor(peak_flops=cfg.get("peak_flops"))
     every = cfg.get("checkpoint_every_n_steps")
     # Best-by-validation checkpoint; last.ckpt after every validation, or every N steps when set.
@@ -161,18 +210,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg, out)
     warmup = [KernelWarmup(datamodule.vocab_size, (datamodule.batch_size, datamodule.block_size),
                            (datamodule.eval_batch_size, datamodule.block_size))] if use_kernel_warmup(cfg) else []
-    callbacks = [*warmup, checkpoint, *periodic, speed, NonFiniteLossGuard()] + (
+    clock = RunClock()
+    sampler = [TextSampler(datamodule.tokenizer, int(cfg.sample_every), int(cfg.sample_tokens))] if cfg.get(
+        "sample_every") else []
+    callbacks = [*warmup, checkpoint, *periodic, speed, clock, *sampler, NonFiniteLossGuard()] + (
         [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(LossProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
+        callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
                                      callbacks=callbacks)
     sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)
     check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
-    wall = time.perf_counter() - start
+    wall = clock.previous_s + time.perf_counter() - start  # earlier segments of a resumed run included
     peak, peak_kind = speed.peak_memory
     best = checkpoint.best_model_score
     budget = budget_summary(cfg, trainer.world_size)
@@ -186,6 +238,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "processes": trainer.world_size,
         "nonfinite_steps": int(module.nonfinite_count),
         "tokens_seen": trainer.global_step * budget["tokens_per_step"],
+        "unit": datamodule.unit,  # perplexities and bits are per this unit (the tokenizer's token)
         "val_loss": _metric(val, "val/loss"),
         "val_ppl": _metric(val, "val/ppl"),
         "best_val_loss": None if best is None else float(best),
@@ -195,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak,
         "peak_memory_kind": peak_kind,
         "wall_time_s": wall,
+        "resumed_from_step": resumed_step,
         "warmup_s": warmup[0].seconds if warmup else 0.0,
         "device": speed.device_name,
         "precision": str(trainer.precision),
@@ -204,16 +258,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:  # one results.json per run, however many ranks
+        merge_metric_histories(out / "csv")
         write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
-        print(f"[attn_lm] val loss {results['val_loss']:.4f} | val ppl {results['val_ppl']:.2f} | "
-              f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s | results: {out / 'results.json'}")
+        log.info("%s", final_line(results, out))
     return results
 
 
+def final_line(results: dict[str, Any], out: Path) -> str:
+    """The run's outcome in one line, perplexities labelled with their unit."""
+    unit, test = results["unit"], results["test_metrics"]
+    parts = [f"val loss {results['val_loss']:.4f}", f"val ppl/{unit} {results['val_ppl']:.2f}"]
+    if test:
+        parts.append(f"test ppl/{unit} {test['test/ppl']:.2f} ({test[f'test/bits_per_{unit}']:.3f} bits/{unit})")
+    parts += [f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s", f"results: {out / 'results.json'}"]
+    return " | ".join(parts)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[float]:
+@one_line_errors
+def _main(cfg: DictConfig) -> Optional[float]:
     results = train(cfg)
     return results["val_loss"]  # the objective for Hydra sweepers (e.g. Optuna)
+
+
+main = hydra_entry(_main)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tokenization throughput of the large-corpus data path (``hub`` + ``sharded=True``).
 
-Builds a local parquet dataset from a text corpus (default: WikiText-2 train from the shared data
-folder, repeated ``--repeat`` times to get tens of MB; one line per row, like a Hub text dataset)
+Builds a local parquet dataset from a text corpus (default: WikiText-2 train under
+``$ATTN_LM_DATA_ROOT``), repeated ``--repeat`` times to get tens of MB; one line per row, like a Hub text dataset
 and tokenizes it through :func:`attn_lm.data.sharded.open_or_build_sharded` for every tokenizer,
 mode and process count asked for, each time into a fresh cache entry:
 
@@ -40,18 +40,14 @@ from _bench_common import (  # also puts the repo on sys.path
     header,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-WIKITEXT2_TRAIN = [
-    base / "wikitext-2" / name
-    for base in (REPO.parent / "shared" / "data", Path("/work/shared/data"))
-    for name in ("wiki.train.tokens", "wiki.train.tokens.gz")
-]
+#: Default corpus: WikiText-2 train under $ATTN_LM_DATA_ROOT (the data presets' root variable).
+WIKITEXT2_TRAIN = ("wikitext-2/wiki.train.tokens", "wikitext-2/wiki.train.tokens.gz")
 ROW_GROUP_ROWS = 10_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", help="UTF-8 text file (.gz ok); default: WikiText-2 train from the shared data folder")
+    p.add_argument("--corpus", help="UTF-8 text file (.gz ok); default: $ATTN_LM_DATA_ROOT/wikitext-2/wiki.train.tokens")
     p.add_argument("--repeat", type=int, default=3, help="concatenate the corpus this many times")
     p.add_argument("--num-proc", type=csv_ints, default=csv_ints("1,2,4"), help="process counts, e.g. 1,2,4")
     p.add_argument("--tokenizers", type=csv_strs, default=csv_strs("byte,char,word,bpe"))
@@ -70,9 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def find_corpus(path: str | None) -> Path:
     if path is not None:
         return Path(path)
-    found = next((p for p in WIKITEXT2_TRAIN if p.is_file()), None)
+    root = os.environ.get("ATTN_LM_DATA_ROOT")
+    found = next((Path(root) / name for name in WIKITEXT2_TRAIN if root and (Path(root) / name).is_file()), None)
     if found is None:
-        raise SystemExit(f"no corpus given and WikiText-2 not found at {[str(p) for p in WIKITEXT2_TRAIN]}; use --corpus")
+        raise SystemExit(f"no --corpus given and no {WIKITEXT2_TRAIN[0]}(.gz) under ATTN_LM_DATA_ROOT={root!r}; "
+                         "pass --corpus FILE (any UTF-8 text, .gz ok) or set ATTN_LM_DATA_ROOT")
     return found
 
 

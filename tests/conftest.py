@@ -28,7 +28,7 @@ def token_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token_cache"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def smoke_overrides(token_cache) -> list[str]:
     """A tiny run on a slice of the embedded default corpus (real text, no network)."""
     return ["debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000", "trainer.enable_progress_bar=false"]

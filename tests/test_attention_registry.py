@@ -87,3 +87,28 @@ def test_cached_decoding_equals_full_forward(name, position):
         c = None if ctx is None else ctx[:, t:t + 1]
         pieces.append(module(x[:, t:t + 1], context=c, cache=cache, input_pos=torch.tensor([t])))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_covers_context_is_said_exactly_when_the_layer_is_full_attention(name, causal):
+    """Issue 13.1: ``covers_context`` names the option when a pattern or chunk covers the whole
+    sequence, and then the layer's output is full attention's (same weights); on long sequences
+    no mechanism claims it."""
+    cls = AttentionFactory.get_class(name)
+    if not causal and cls.noncausal_unsupported:
+        pytest.skip(cls.noncausal_unsupported)
+    module = build(name, causal=causal)
+    assert cls.covers_context(module.config, 10_000) is None
+    option = cls.covering_option(module.config)
+    if option is None:
+        return
+    length = cls.option_of(module.config, option)
+    assert cls.covers_context(module.config, length + 1) is None
+    reason = cls.covers_context(module.config, length)
+    assert reason == f"{name}: {option} {length} ≥ context {length} — this is full attention"
+    full = build("full", causal=causal)
+    full.load_state_dict(module.state_dict(), strict=False)  # the same projections
+    for n in (length, max(1, length - 1)):  # a pattern longer than the sequence covers it too
+        x = torch.randn(2, n, module.config.d_model, dtype=torch.float64)
+        torch.testing.assert_close(module(x, context=context_for(module, x)), full(x), rtol=0, atol=1e-10)

@@ -102,7 +102,7 @@ def test_report_on_the_real_sweep(sweep, tmp_path):
         assert row["budget"] == "6 steps (768 tokens)"
         val = [r["val_ppl"] for r in mine]
         assert f"{statistics.fmean(val):.2f} ± {statistics.stdev(val):.2f}" in markdown
-    for header in ("val ppl", "test ppl", "test word ppl", "test bits/char", "train tokens/s", "step ms", "peak MB",
+    for header in ("unit", "val ppl", "test ppl", "test bits/unit", "train tokens/s", "step ms", "peak MB",
                    "wall s", "budget", "Pareto"):
         assert header in markdown
     # The failed job is listed, not dropped.

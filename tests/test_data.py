@@ -207,8 +207,7 @@ def test_wikitext2_preset_published_counts(tmp_path: Path, monkeypatch: pytest.M
         "test": 245_569,
     }
     assert dm.vocab_size == 33_278
-    metrics = dm.extra_metrics("test", 5.0)
-    assert metrics["word_perplexity"] == pytest.approx(metrics["perplexity"])  # one token per word
+    assert dm.unit == "word" and dm.extra_metrics("test", 5.0) == {"bits_per_word": pytest.approx(5.0 / np.log(2))}
     assert dm._datasets["train"].tokens.dtype == "uint16"
 
 
@@ -238,7 +237,7 @@ def test_every_preset_is_accepted_by_the_constructor() -> None:
 def test_stdlib_preset_instantiates(tmp_path: Path) -> None:
     dm = instantiate(OmegaConf.load(PRESETS / "stdlib.yaml"), cache_dir=str(tmp_path), max_chars=50_000)
     dm.setup()
-    assert (dm.vocab_size, dm.block_size, dm.primary_metric) == (256, 128, "bits_per_byte")
+    assert (dm.vocab_size, dm.block_size, dm.unit) == (256, 128, "byte")
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,10 +340,10 @@ def test_eval_pass_scores_every_target_exactly_once(n: int, block: int, stride: 
 
 @pytest.mark.parametrize("eval_stride", [None, 5])
 def test_eval_loader_covers_the_split(tmp_path: Path, eval_stride: int | None) -> None:
-    dm = make_dm(tmp_path, max_chars=5_000, eval_stride=eval_stride, eval_batch_size=7)
+    dm = make_dm(tmp_path, max_chars=9_000, eval_stride=eval_stride, eval_batch_size=7)  # 500-char splits
     scored = sum(int((y != IGNORE_INDEX).sum()) for _, y in dm.val_dataloader())
     assert scored == dm.split_stats["validation"]["tokens"] - 1
-    capped = make_dm(tmp_path, max_chars=5_000, eval_stride=eval_stride, max_eval_tokens=300)
+    capped = make_dm(tmp_path, max_chars=9_000, eval_stride=eval_stride, max_eval_tokens=300)
     assert sum(int((y != IGNORE_INDEX).sum()) for _, y in capped.test_dataloader()) == 299
 
 
@@ -370,15 +369,14 @@ def test_train_windows_are_deterministic_and_fresh_each_epoch(tmp_path: Path) ->
 # ------------------------------------------------------------------------------------------
 
 
-def test_extra_metrics_units(tmp_path: Path) -> None:
-    dm = make_dm(tmp_path, source="text_files", train=[write_sample(tmp_path)], tokenizer="char", holdout_fraction=0.2)
-    metrics = dm.extra_metrics("validation", 0.5)
-    assert metrics["bits_per_char"] == pytest.approx(0.5 / np.log(2))
-    stats = dm.split_stats["validation"]
-    assert metrics["bits_per_byte"] == pytest.approx(0.5 / np.log(2) * stats["characters"] / stats["bytes"])
-    assert metrics["word_perplexity"] == pytest.approx(np.exp(0.5 * stats["characters"] / stats["words"]))
-    assert dm.primary_metric == "bits_per_char"
-    assert dm.extra_metrics("validation", 1e4)["word_perplexity"] == float("inf")
+@pytest.mark.parametrize("tokenizer,vocab_size,unit", [("char", None, "char"), ("byte", None, "byte"),
+                                                       ("word", None, "word"), ("bpe", 300, "token")])
+def test_metrics_are_reported_in_the_tokenizers_unit_only(tmp_path: Path, tokenizer, vocab_size, unit) -> None:
+    """A byte model gets no word perplexity (issue 13.2): only bits per its own unit."""
+    dm = make_dm(tmp_path, source="text_files", train=[write_sample(tmp_path)], tokenizer=tokenizer,
+                 vocab_size=vocab_size, holdout_fraction=0.2)
+    assert dm.unit == unit
+    assert dm.extra_metrics("validation", 0.5) == {f"bits_per_{unit}": pytest.approx(0.5 / np.log(2))}
 
 
 # ------------------------------------------------------------------------------------------
@@ -446,3 +444,15 @@ def test_split_shorter_than_a_window(tmp_path: Path) -> None:
         make_dm(tmp_path, source="text_files", train=write_sample(tmp_path), block_size=4096)
     with pytest.raises(ValueError, match=r"validation split .* has 20 tokens .*raise max_eval_tokens \(=20\)"):
         make_dm(tmp_path, source="text_files", train=write_sample(tmp_path), max_eval_tokens=20, block_size=32)
+
+
+def test_stdlib_splits_are_90_5_5_by_size_and_no_file_dominates() -> None:
+    """Issue 13.16: one module (pydoc_data/topics.py) was 75% of the training text and validation
+    was 709k characters of a 1M-character training text."""
+    from attn_lm.data.sources import STDLIB_MAX_FILE_CHARS
+
+    corpus = load_corpus("stdlib", max_chars=900_000)
+    sizes = {split: len(text) for split, text in corpus.texts.items()}
+    assert sizes == {"train": 900_000, "validation": 50_000, "test": 50_000}
+    assert len(corpus.files["train"]) >= 900_000 // STDLIB_MAX_FILE_CHARS
+    assert not set(corpus.files["train"]) & (set(corpus.files["validation"]) | set(corpus.files["test"]))

@@ -279,16 +279,11 @@ def test_empty_prompt_is_rejected():
 
 
 # ------------------------------------------------------------------------------ CLI
-DATA = ["data=stdlib", "data.max_chars=20000"]
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A randomly initialised tiny LitGPT saved as a Lightning checkpoint, plus the data overrides
-    whose tokenizer matches it."""
+def checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny LitGPT saved as a Lightning checkpoint with its tokenizer."""
     root = tmp_path_factory.mktemp("generate")
-    data = DATA + [f"data.cache_dir={root / 'cache'}"]
-    datamodule = LMDataModule(source="stdlib", max_chars=20000, cache_dir=root / "cache")
+    datamodule = LMDataModule(source="stdlib", max_chars=20000, cache_dir=str(root / "cache"))
     datamodule.prepare_data()
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=datamodule.vocab_size, block_size=16, n_layer=1, d_model=16, n_heads=2,
@@ -296,8 +291,9 @@ def checkpoint(tmp_path_factory) -> tuple[Path, list[str]]:
     module = LitGPT(config, optim={"lr": 1e-3})
     path = root / "tiny.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "LMDataModule": datamodule.state_dict(), "datamodule_hyper_parameters": dict(datamodule.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
-    return path, data
+    return path
 
 
 def compose_generate(overrides: list[str]):
@@ -306,8 +302,8 @@ def compose_generate(overrides: list[str]):
 
 
 def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_path):
-    path, data = checkpoint
-    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu", *data]
+    path = checkpoint
+    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "attn_lm.generate", *args], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=120, check=False)
@@ -338,9 +334,8 @@ def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
 
 
 def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
-    path, data = checkpoint
-    args = [f"ckpt={path}", "prompt=abcdefghijklmnopqrstuvwxyz", "max_new_tokens=3", "temperature=0", "device=cpu",
-            *data]
+    path = checkpoint
+    args = [f"ckpt={path}", "prompt=abcdefghijklmnopqrstuvwxyz", "max_new_tokens=3", "temperature=0", "device=cpu"]
     with caplog.at_level(logging.WARNING):
         result = generate(compose_generate(args))
     assert result["prompt_tokens"] == 16 and "prompt has 26 tokens" in caplog.text
@@ -349,9 +344,12 @@ def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
         generate(compose_generate(args + ["strict_prompt=true"]))
 
 
-def test_cli_rejects_a_tokenizer_of_another_vocabulary(checkpoint):
-    path, data = checkpoint
-    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the checkpoint was trained with 256"):
-        generate(compose_generate([f"ckpt={path}", *data, "data.tokenizer=char"]))
+def test_cli_needs_a_checkpoint_with_its_tokenizer(checkpoint, tmp_path):
+    path = checkpoint
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        generate(compose_generate([f"ckpt={path}.missing", *data]))
+        generate(compose_generate([f"ckpt={path}.missing"]))
+    bare = torch.load(path, weights_only=False)
+    del bare["LMDataModule"]
+    torch.save(bare, tmp_path / "bare.ckpt")
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        generate(compose_generate([f"ckpt={tmp_path / 'bare.ckpt'}"]))

@@ -110,8 +110,28 @@ class Attention(nn.Module):
 
     def opt(self, name: str) -> Any:
         """The value of a declared option: the config's, else the mechanism's default."""
-        value = getattr(self.config, name)
-        return self.options[name] if value is None else value
+        return self.option_of(self.config, name)
+
+    @classmethod
+    def option_of(cls, config: AttentionConfig, name: str) -> Any:
+        """``opt`` for a config, before any module is built."""
+        value = getattr(config, name)
+        return cls.options[name] if value is None else value
+
+    @classmethod
+    def covering_option(cls, config: AttentionConfig) -> Optional[str]:
+        """The option (a window, block or chunk length) whose value, once it reaches the sequence
+        length, leaves nothing out: the layer then computes plain full attention. ``None``: none."""
+        return None
+
+    @classmethod
+    def covers_context(cls, config: AttentionConfig, context_len: int) -> Optional[str]:
+        """Why this layer is plain full attention on sequences of ``context_len`` tokens (its
+        pattern or chunk covers them all), or ``None``. Training warns; comparisons should refuse."""
+        option = cls.covering_option(config)
+        if option is None or cls.option_of(config, option) < context_len:
+            return None
+        return f"{cls.name}: {option} {cls.option_of(config, option)} ≥ context {context_len} — this is full attention"
 
     def kv_heads(self, config: AttentionConfig) -> int:
         """Number of key/value heads (``n_heads`` unless the mechanism shares them)."""

@@ -61,6 +61,13 @@ class ChunkedLowRankAttention(Attention):
     )
     #: The option giving the number of summaries per chunk (``p``).
     summary_option: ClassVar[str] = ""
+    #: Non-causal: the option that makes the published form exact once it reaches the length.
+    noncausal_exact_option: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def covering_option(cls, config):
+        # Causal: a sequence within one chunk is attended exactly (no completed chunk to compress).
+        return "chunk_size" if config.causal else cls.noncausal_exact_option
 
     @classmethod
     def validate_options(cls, config):
@@ -290,6 +297,7 @@ class NystromAttention(ChunkedLowRankAttention):
     description = "Nystromformer: segment-mean landmarks + pseudo-inverse; causal = chunked landmark memory"
     options = {"num_landmarks": 32, "chunk_size": 128}
     summary_option = "num_landmarks"
+    noncausal_exact_option = "num_landmarks"  # as many landmarks as tokens: exact (tested)
 
     def summarize(self, k, v):
         avg, _ = segment_means(self.chunk_size, self.summary_len, k.dtype, k.device)

@@ -43,6 +43,10 @@ class _BoundedLookbackAttention(SoftmaxAttention):
 
     family = "sparse"
 
+    @classmethod
+    def covering_option(cls, config):
+        return "window_size"  # a window as long as the sequence sees every earlier token
+
     def cache_span(self) -> tuple[int, int]:
         """``(window, num_global)``: how far back the pattern looks, and how many leading tokens
         stay visible from everywhere."""
@@ -105,6 +109,10 @@ class BlockSparseAttention(_BoundedLookbackAttention):
     options = {"block_size": 64, "layout": "0"}
 
     @classmethod
+    def covering_option(cls, config):
+        return "block_size"  # one block: a causal block attends to everything before it
+
+    @classmethod
     def layout_offsets(cls, config) -> tuple[int, ...]:
         text = cls.options["layout"] if config.layout is None else config.layout
         try:
@@ -164,6 +172,11 @@ class StridedAttention(SoftmaxAttention):
     family = "sparse"
     options = {"stride": 64, "dilation": 1}
 
+    @classmethod
+    def covering_option(cls, config):
+        # With dilation 1 the local band is the stride latest tokens; dilated bands leave gaps.
+        return "stride" if cls.option_of(config, "dilation") == 1 else None
+
     def build_pattern(self):
         return StridedPattern(causal=self.config.causal, stride=self.opt("stride"), dilation=self.opt("dilation"))
 
@@ -211,6 +224,10 @@ class BigBirdAttention(SoftmaxAttention):
     description = "BigBird: sliding window + global tokens + seeded random key blocks, O(T (w + g + r b) d)"
     family = "sparse"
     options = {"window_size": 256, "num_global_tokens": 1, "num_random_blocks": 2, "block_size": 64, "seed": 0}
+
+    @classmethod
+    def covering_option(cls, config):
+        return "window_size"
 
     def __init__(self, config):
         super().__init__(config)  # build_pattern() draws the layout

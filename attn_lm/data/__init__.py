@@ -8,7 +8,7 @@ Typical use (what Hydra does with ``conf/data/<preset>.yaml``)::
     dm.prepare_data(); dm.setup()
     model = GPT(vocab_size=dm.vocab_size, block_size=dm.block_size, ...)
     ...
-    dm.extra_metrics("validation", mean_val_loss)   # {"bits_per_char": ..., "word_perplexity": ...}
+    dm.extra_metrics("validation", mean_val_loss)   # {"bits_per_<dm.unit>": ...}, e.g. bits_per_byte
 
 Modules: :mod:`~attn_lm.data.sources` (text of each split), :mod:`~attn_lm.data.tokenizers`,
 :mod:`~attn_lm.data.cache` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`

@@ -22,9 +22,8 @@ After ``setup()`` the model and the logger read:
 * ``fingerprint``: JSON-serialisable description of the exact data (source, files, SHA-256 of
   every split, tokenizer, token counts), meant for ``results.json``;
 * ``split_stats[split]``: ``tokens``, ``characters``, ``bytes``, ``words`` of each split;
-* ``extra_metrics(split, mean_loss)``: the mean next-token loss (nats) converted into
-  tokenizer-independent units (bits per character / byte, word-level perplexity), and
-  ``primary_metric``, the name of the one that suits the tokenizer.
+* ``unit`` (what one token is: byte, char, word, or token for BPE) and
+  ``extra_metrics(split, mean_loss)``: the mean next-token loss in bits per that unit.
 """
 
 from __future__ import annotations
@@ -42,12 +41,10 @@ from torch.utils.data import DataLoader
 from .cache import ShardedTokenArray, TokenArray, TokenCache, open_or_build
 from .sharded import check_sharding, open_or_build_sharded
 from .sources import SPLITS, PathSpec, check_source_options, load_corpus
-from .tokenizers import Tokenizer, check_tokenizer_options
+from .tokenizers import Tokenizer, check_same_tokenizer, check_tokenizer_options
 from .windows import EpochSampler, EvalWindows, RandomWindows, StepPositionedLoader
 
 LN2 = math.log(2.0)
-#: ``math.exp`` overflows above this; larger exponents are reported as ``inf``.
-MAX_EXP_ARG = 709.0
 
 
 class LMDataModule(L.LightningDataModule):
@@ -204,6 +201,18 @@ class LMDataModule(L.LightningDataModule):
             "test": EvalWindows(tokens["test"], self.block_size, self.eval_stride),
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The tokenizer itself (kind and state), so a checkpoint decodes and encodes text on its
+        own; Lightning stores it under ``checkpoint["LMDataModule"]`` (the constructor's
+        arguments, block size included, are ``checkpoint["datamodule_hyper_parameters"]``)."""
+        return {"tokenizer": self.tokenizer.payload()} if self._cache is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming (or evaluating) a checkpoint: its tokenizer must be this data's."""
+        if "tokenizer" in state_dict:
+            check_same_tokenizer(state_dict["tokenizer"], self.tokenizer, "the checkpoint",
+                                 f"the data (source={self.source!r})")
+
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         position = None
@@ -264,40 +273,16 @@ class LMDataModule(L.LightningDataModule):
         return fingerprint
 
     @property
-    def primary_metric(self) -> str:
-        """Key of :meth:`extra_metrics` that suits the tokenizer (``bits_per_char`` for char, ...)."""
-        return self._ready().tokenizer.primary_metric
-
-    def metric_units(self, split: str) -> dict[str, float]:
-        """Tokens per character, per UTF-8 byte and per word of ``split``.
-
-        A mean loss of ``L`` nats per token is ``L * tokens_per_char / ln 2`` bits per character;
-        "words" count one per line as well (see ``count_units``), matching word-level ``<eos>``.
-        """
-        stats = self.split_stats[split]
-        return {
-            "tokens_per_char": stats["tokens"] / stats["characters"],
-            "tokens_per_byte": stats["tokens"] / stats["bytes"],
-            "tokens_per_word": stats["tokens"] / stats["words"],
-        }
+    def unit(self) -> str:
+        """What one token of this tokenizer is (``byte``, ``char``, ``word`` or ``token`` for BPE):
+        ``ppl`` is the perplexity per this unit."""
+        return self._ready().tokenizer.unit
 
     def extra_metrics(self, split: str, mean_loss: float) -> dict[str, float]:
-        """Convert a mean next-token loss (nats per token) on ``split`` into comparable units.
-
-        Returns ``perplexity`` and ``bits_per_token`` (per this tokenizer's tokens),
-        ``bits_per_char``, ``bits_per_byte`` and ``word_perplexity``. The conversions use the
-        token/character/byte/word ratios of the whole split (an approximation when
-        ``max_eval_tokens`` evaluates only a prefix). For the word tokenizer
-        ``word_perplexity == perplexity``.
-        """
-        units = self.metric_units(split)
-        return {
-            "perplexity": _safe_exp(mean_loss),
-            "bits_per_token": mean_loss / LN2,
-            "bits_per_char": mean_loss * units["tokens_per_char"] / LN2,
-            "bits_per_byte": mean_loss * units["tokens_per_byte"] / LN2,
-            "word_perplexity": _safe_exp(mean_loss * units["tokens_per_word"]),
-        }
+        """The mean next-token loss (nats) on ``split`` in bits per the tokenizer's unit, e.g.
+        ``{"bits_per_char": ...}``. Only that unit: converting to another (a word perplexity of
+        a byte model) depends on how that other unit is counted and misleads."""
+        return {f"bits_per_{self.unit}": mean_loss / LN2}
 
     # ---------------------------------------------------------------------------------------
     # Internals
@@ -364,7 +349,3 @@ def _plain(value: Any) -> Any:
 def _require_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _safe_exp(x: float) -> float:
-    return math.exp(x) if x <= MAX_EXP_ARG else math.inf

@@ -10,9 +10,10 @@ Sources (the names accepted by :func:`load_corpus`):
 ``stdlib``
     The embedded default. The running interpreter's own standard-library ``*.py`` files: always
     present, no network, a few MB of real, structured text. Test suites, ``site-packages`` and the
-    machine-specific ``_sysconfigdata*`` module are skipped. Each file goes to one split by a hash
-    of its relative path (90% / 5% / 5%), and files are taken in hash order, so a ``max_chars``
-    cap keeps a representative sample of the library rather than its alphabetical beginning.
+    machine-specific ``_sysconfigdata*`` module are skipped. Files are taken in the order of a
+    hash of their relative path (a ``max_chars`` cap keeps a representative sample of the library,
+    not its alphabetical beginning), each capped at 20k characters so that no module dominates,
+    and each goes whole to one split so that the splits are 90% / 5% / 5% by size.
 ``text_files``
     Local files or folders (searched recursively, sorted, hidden entries skipped); ``.gz`` files
     are decompressed transparently. Missing validation/test splits are carved from the end of
@@ -64,8 +65,11 @@ TINYSHAKESPEARE_TRAIN_FRACTION = 0.9
 
 WIKITEXT2_FILES = {"train": "wiki.train.tokens", "validation": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
-#: Share of stdlib files per split, as cumulative percentages of a path hash in [0, 100).
-STDLIB_SPLIT_PERCENT = {"train": 90, "validation": 95, "test": 100}
+#: Share of the stdlib corpus (by size) per split.
+STDLIB_SHARES = {"train": 0.90, "validation": 0.05, "test": 0.05}
+#: Characters taken from one stdlib file (its first lines): no module dominates the corpus (the
+#: whole of pydoc_data/topics.py would be three quarters of a 1M-character training text).
+STDLIB_MAX_FILE_CHARS = 20_000
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
@@ -246,28 +250,51 @@ def _require_text(source: str, texts: Mapping[str, str]) -> None:
 
 
 def load_stdlib(max_chars: Optional[int] = 2_000_000) -> Corpus:
-    """The interpreter's own standard library, at most ``max_chars`` characters per split."""
+    """The interpreter's own standard library: ``max_chars`` characters of training text (``None``:
+    all), validation and test 5 % each, so the splits are 90/5/5 by size.
+
+    Files are taken whole (up to :data:`STDLIB_MAX_FILE_CHARS`, cut at a line end) in the order of a
+    hash of their path; each goes to the split furthest below its share, so every file is in one
+    split only and the last file of a full split is cut."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    by_split: dict[str, list[tuple[str, Path]]] = {split: [] for split in SPLITS}
-    for path in _stdlib_modules(stdlib):
-        rel = path.relative_to(stdlib)
-        digest = hashlib.sha256(rel.as_posix().encode()).hexdigest()
-        percent = int(digest[:8], 16) % 100
-        split = next(s for s in SPLITS if percent < STDLIB_SPLIT_PERCENT[s])
-        by_split[split].append((digest, path))
+    caps = {s: None if max_chars is None else round(max_chars * share / STDLIB_SHARES["train"])
+            for s, share in STDLIB_SHARES.items()}
+    pieces: dict[str, list[str]] = {split: [] for split in SPLITS}
+    used: dict[str, list[str]] = {split: [] for split in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    for rel in sorted((p.relative_to(stdlib).as_posix() for p in _stdlib_modules(stdlib)),
+                      key=lambda rel: hashlib.sha256(rel.encode()).hexdigest()):
+        open_splits = [s for s in SPLITS if caps[s] is None or sizes[s] < caps[s]]
+        if not open_splits:
+            break
+        text = _head_lines(read_text_file(stdlib / rel), STDLIB_MAX_FILE_CHARS)
+        if text:
+            total = sum(sizes.values()) + len(text)
+            split = max(open_splits, key=lambda s: STDLIB_SHARES[s] * total - sizes[s])
+            pieces[split].append(text)
+            used[split].append(rel)
+            sizes[split] += len(text)
     texts: dict[str, str] = {}
     files: dict[str, list[str]] = {}
-    for split, entries in by_split.items():
-        texts[split], used = read_files([(path, False) for _, path in sorted(entries)], split, max_chars)
-        files[split] = [p.relative_to(stdlib).as_posix() for p in used]
+    for split in SPLITS:
+        texts[split], n_used = join_capped(pieces[split], caps[split])
+        files[split] = used[split][:n_used]
     _require_text("stdlib", texts)
     details = {
         "python_version": platform.python_version(),
         "implementation": sys.implementation.name,
         "stdlib_dir": str(stdlib),
         "max_chars": max_chars,
+        "max_file_chars": STDLIB_MAX_FILE_CHARS,
     }
     return Corpus("stdlib", texts, files, details)
+
+
+def _head_lines(text: str, limit: int) -> str:
+    """The lines of ``text`` that fit in ``limit`` characters (a newline-terminated prefix)."""
+    if len(text) <= limit:
+        return _as_lines(text) if text else text
+    return text[: text.rfind("\n", 0, limit) + 1] or text[:limit] + "\n"
 
 
 def _stdlib_modules(stdlib: Path) -> Iterator[Path]:

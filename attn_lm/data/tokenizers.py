@@ -51,8 +51,8 @@ class Tokenizer(ABC):
     """Common interface; use :func:`build_tokenizer` to train one and :func:`load_tokenizer` to reload it."""
 
     kind: ClassVar[str]
-    #: Name of the metric (a key of ``LMDataModule.extra_metrics``) that suits this tokenizer.
-    primary_metric: ClassVar[str]
+    #: What one token is: the unit of the reported perplexity and bits (byte, char, word, token).
+    unit: ClassVar[str]
 
     @property
     @abstractmethod
@@ -80,9 +80,18 @@ class Tokenizer(ABC):
         """What a results file should say about the tokenizer."""
         return {"kind": self.kind, "vocab_size": self.vocab_size}
 
+    def unknown(self, text: str) -> list[str]:
+        """The distinct pieces of ``text`` (characters, words) that would become ``<unk>``;
+        none for byte-level tokenizers, which encode any text."""
+        return []
+
+    def payload(self) -> dict[str, Any]:
+        """Kind and state: what :func:`tokenizer_from_payload` rebuilds it from (files, checkpoints)."""
+        return {"kind": self.kind, "state": self.state()}
+
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the tokenizer as JSON, atomically (temporary file, then rename)."""
-        write_atomic(Path(path), json.dumps({"kind": self.kind, "state": self.state()}).encode("utf-8"))
+        write_atomic(Path(path), json.dumps(self.payload()).encode("utf-8"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
@@ -92,7 +101,7 @@ class ByteTokenizer(Tokenizer):
     """The UTF-8 bytes of the text: 256 ids, nothing to train, nothing unknown."""
 
     kind = "byte"
-    primary_metric = "bits_per_byte"
+    unit = "byte"
 
     @property
     def vocab_size(self) -> int:
@@ -116,7 +125,7 @@ class CharTokenizer(Tokenizer):
     """One id per Unicode character of the training text (sorted by code point), then ``<unk>``."""
 
     kind = "char"
-    primary_metric = "bits_per_char"
+    unit = "char"
 
     def __init__(self, chars: str) -> None:
         """``chars``: any text; its distinct characters are the vocabulary."""
@@ -141,6 +150,9 @@ class CharTokenizer(Tokenizer):
         known = self._codepoints[idx] == codepoints
         return np.where(known, idx, self.unk_id).astype(np.int64)
 
+    def unknown(self, text: str) -> list[str]:
+        return sorted(set(text) - set(self.chars))
+
     def decode(self, ids: TokenIds) -> str:
         table = self.chars + REPLACEMENT_CHAR
         return "".join(table[i] for i in np.asarray(ids).tolist())
@@ -162,7 +174,7 @@ class WordTokenizer(Tokenizer):
     """
 
     kind = "word"
-    primary_metric = "word_perplexity"
+    unit = "word"
     eos_id = 0
     unk_id = 1
 
@@ -194,6 +206,9 @@ class WordTokenizer(Tokenizer):
             ids.append(eos)
         return np.array(ids, dtype=np.int64)
 
+    def unknown(self, text: str) -> list[str]:
+        return sorted(set(text.split()) - set(self._index))
+
     def decode(self, ids: TokenIds) -> str:
         out: list[str] = []
         line: list[str] = []
@@ -224,7 +239,7 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
-    primary_metric = "bits_per_byte"
+    unit = "token"  # a BPE token
     #: Lines are batched into pieces of about this many characters for (parallel) encoding.
     ENCODE_PIECE_CHARS = 1 << 16
 
@@ -313,8 +328,24 @@ def build_tokenizer(kind: str, train_text: str, vocab_size: Optional[int] = None
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     """Read a tokenizer written by :meth:`Tokenizer.save`."""
-    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    return tokenizer_from_payload(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def tokenizer_from_payload(payload: dict[str, Any]) -> Tokenizer:
+    """Inverse of :meth:`Tokenizer.payload`."""
     return _CLASSES[payload["kind"]].from_state(payload["state"])
+
+
+def check_same_tokenizer(saved: dict[str, Any], current: Tokenizer, saved_name: str, current_name: str) -> None:
+    """``ValueError`` naming both sides unless ``current`` is the tokenizer of payload ``saved``
+    (same kind, same size, same vocabulary: a BPE trained on other text has other merges)."""
+    other = tokenizer_from_payload(saved)
+    if other.settings() != current.settings():
+        raise ValueError(f"{saved_name} has a {other.kind} tokenizer with {other.vocab_size} tokens but {current_name} "
+                         f"has a {current.kind} tokenizer with {current.vocab_size} tokens")
+    if saved != current.payload():
+        raise ValueError(f"{saved_name} and {current_name} both have a {current.kind} tokenizer of {current.vocab_size} "
+                         "tokens, but not the same vocabulary (built from other text)")
 
 
 def split_lines(text: str) -> list[str]:
