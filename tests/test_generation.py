@@ -324,8 +324,7 @@ def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_pat
 
 def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    path, data = checkpoint
-    args = [f"ckpt={path}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu", *data]
+    args = [f"ckpt={checkpoint}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu"]
     eager = generate(compose_generate(args + ["compile=false"]))
     result = generate(compose_generate(args + ["compile=true", "stream_every=5"]))
     assert result["compiled"] and result["text"] == eager["text"]
