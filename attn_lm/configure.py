@@ -149,8 +149,39 @@ def check_run_config(cfg: DictConfig) -> None:
     if int(cfg.data.block_size) > model.block_size:
         raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
                          f"{model.block_size}, the longest context the model supports")
-    for reason in full_attention_layers(model, int(cfg.data.block_size)):
+    reasons = full_attention_layers(model, int(cfg.data.block_size))
+    if reasons and OmegaConf.select(cfg, "compare.refuse_full_attention", default=False):
+        raise ValueError(f"{'; '.join(reasons)}: a comparison row must differ from full attention "
+                         "(compare.refuse_full_attention=true); lower that size, or set compare.structure_fraction")
+    for reason in reasons:
         log.warning("%s", reason)
+
+
+def scale_structure(cfg: DictConfig) -> dict[str, int]:
+    """``compare.structure_fraction``: set the attention node's structural size (the option that
+    ``covering_option`` names: window, block, stride or chunk) to that fraction of
+    ``data.block_size``, so a mechanism keeps one density at every context length (window = T/8 at
+    every T for 1/8). A size set on the command line (not the preset file's) is kept. Low-rank
+    summaries are capped at the new chunk (they must fit in it). Returns what it set."""
+    fraction = OmegaConf.select(cfg, "compare.structure_fraction", default=None)
+    if fraction is None:
+        return {}
+    name = canonical_name(cfg.attention.attention_type)
+    mechanism = AttentionFactory.get_class(name)
+    config = attention_config_from_dict(_as_dict(cfg.attention))
+    option = mechanism.covering_option(config)
+    if option is None or cfg.attention[option] != attention_group_options(name).get(option):
+        return {}
+    size = max(1, int(int(cfg.data.block_size) * float(fraction)))
+    sizes = {option: size}
+    summary = getattr(mechanism, "summary_option", None)
+    if summary and mechanism.option_of(config, summary) > size:
+        sizes[summary] = size
+    for key, value in sizes.items():
+        cfg.attention[key] = value
+    log.info("structure at T=%s (compare.structure_fraction=%s): %s", cfg.data.block_size, fraction,
+             ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return sizes
 
 
 def full_attention_layers(model: GPTConfig, context_len: int) -> list[str]:

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 
 
 def split_values(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
-    """(the values swept for ``key``, the other overrides). All mechanisms for ``attention``
-    when ``key`` is not among the overrides."""
+    """(the values swept for ``key``, the other overrides). For ``attention`` when ``key`` is not
+    among the overrides: every mechanism but the kernel variants (all with compare.kernel_variants=true)."""
     values: Optional[list[str]] = None
     rest = []
     for item in overrides:
@@ -44,9 +44,9 @@ def split_values(overrides: Sequence[str], key: str) -> tuple[list[str], list[st
     if values is None:
         if key != "attention":
             raise ValueError(f"--split {key}: no '{key}=a,b,...' among the overrides")
-        from .attention import AttentionFactory
+        from .sweep import sweep_mechanisms
 
-        values = AttentionFactory.names()
+        values = sweep_mechanisms("compare.kernel_variants=true" in rest).split(",")
     if not values:
         raise ValueError(f"{key}= lists no values")
     return values, rest

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Timer
 import torch
 from torchmetrics.aggregation import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from .config import GPTConfig, gpt_config_from_dict
 from .model import GPT
@@ -25,18 +26,19 @@ class LitGPT(L.LightningModule):
     (cosine floor as a fraction of ``lr``) and ``fused`` (``auto`` = fused AdamW on CUDA).
     Evaluation reports the token-weighted mean loss over the whole split (targets of ``-1`` are
     not scored), its perplexity, and the data module's unit metrics (bits per character/byte,
-    word perplexity) when it provides them.
+    word perplexity) when it provides them. ``accuracy=True`` (tasks scored by recall, e.g.
+    MQAR) also reports the token accuracy over the scored targets (``val/accuracy``).
     """
 
     def __init__(self, model_config: GPTConfig | dict, optim: dict[str, Any], compile: bool = False,
-                 on_nonfinite: str = "stop"):
+                 on_nonfinite: str = "stop", accuracy: bool = False):
         super().__init__()
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={on_nonfinite!r}; valid: 'stop', 'skip'")
         if not isinstance(model_config, GPTConfig):  # restored from a checkpoint's hyperparameters
             model_config = gpt_config_from_dict(model_config)
         self.save_hyperparameters({"model_config": asdict(model_config), "optim": dict(optim), "compile": compile,
-                                   "on_nonfinite": on_nonfinite})
+                                   "on_nonfinite": on_nonfinite, "accuracy": accuracy})
         self.model_config = model_config
         self.optim = dict(optim)
         self.model = GPT(model_config)
@@ -47,6 +49,13 @@ class LitGPT(L.LightningModule):
         self.compile = compile
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        # Argmax over the vocabulary against targets != -1, accumulated on the device (no host
+        # sync per step: validate_args=False skips torchmetrics' value checks, which read back).
+        self.accuracy = accuracy
+        if accuracy:
+            self.val_accuracy, self.test_accuracy = (
+                MulticlassAccuracy(model_config.vocab_size, average="micro", ignore_index=-1, validate_args=False)
+                for _ in range(2))
         object.__setattr__(self, "_compiled", None)
         # Non-finite losses are booked on the device (no host sync per step): the first step that
         # had one and how many there were. NonFiniteLossGuard reads them at intervals.
@@ -95,12 +104,14 @@ class LitGPT(L.LightningModule):
                     if param.grad is not None:
                         param.grad.masked_fill_(bad, 0.0)
 
-    def _eval_step(self, batch, metric: MeanMetric) -> None:
+    def _eval_step(self, batch, split: str) -> None:
         x, y = batch
         if self._compiled is not None:
             x, y = self._pad_eval_batch(x, y)
-        _, loss = self(x, y)
-        metric.update(loss.detach(), weight=(y != -1).sum())
+        logits, loss = self(x, y)
+        getattr(self, f"{split}_loss").update(loss.detach(), weight=(y != -1).sum())
+        if self.accuracy:
+            getattr(self, f"{split}_accuracy").update(logits.detach().argmax(-1), y)
 
     def _pad_eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad a short (last) evaluation batch to the first batch's size with unscored targets, so
@@ -114,14 +125,19 @@ class LitGPT(L.LightningModule):
         return (torch.cat([x, x.new_zeros(pad, x.shape[1])]), torch.cat([y, y.new_full((pad, y.shape[1]), -1)]))
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_loss)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_loss)
+        self._eval_step(batch, "test")
 
-    def _eval_epoch_end(self, split: str, metric: MeanMetric) -> None:
+    def _eval_epoch_end(self, split: str) -> None:
+        metric = getattr(self, f"{split}_loss")
         loss = metric.compute()
         metric.reset()
+        if self.accuracy:
+            accuracy = getattr(self, f"{split}_accuracy")
+            self.log(f"{split}/accuracy", accuracy.compute(), prog_bar=True, rank_zero_only=True)
+            accuracy.reset()
         # MeanMetric.compute() already reduced over ranks: every rank holds the same value.
         self.log(f"{split}/loss", loss, prog_bar=True, rank_zero_only=True)
         self.log(f"{split}/ppl", torch.exp(loss), prog_bar=True, rank_zero_only=True)
@@ -132,10 +148,10 @@ class LitGPT(L.LightningModule):
                 self.log(f"{split}/{name}", float(value), rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val", self.val_loss)
+        self._eval_epoch_end("val")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test", self.test_loss)
+        self._eval_epoch_end("test")
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self):

@@ -30,7 +30,7 @@ from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor,
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry, one_line_errors
 from .config import GPTConfig
-from .configure import CONF_DIR, check_run_config, gpt_config
+from .configure import CONF_DIR, check_run_config, gpt_config, scale_structure
 from .export import init_weights
 from .lit_module import LitGPT
 from .model import GPT
@@ -137,7 +137,8 @@ def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, data
         for stage in stages:
             evaluator: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=[],
                                                enable_checkpointing=False, enable_model_summary=False)
-            fresh = LitGPT(module.model_config, module.optim, compile=module.compile, on_nonfinite=module.on_nonfinite)
+            fresh = LitGPT(module.model_config, module.optim, compile=module.compile, on_nonfinite=module.on_nonfinite,
+                           accuracy=module.accuracy)
             results.append(getattr(evaluator, stage)(fresh, datamodule=datamodule, ckpt_path=str(final),
                                                      verbose=False)[0])
     return results[0], (results[1] if len(results) > 1 else {})
@@ -146,6 +147,7 @@ def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, data
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the ``results.json`` content."""
     out = run_dir()
+    scale_structure(cfg)  # before the finished-run check: results.json holds the scaled sizes
     finished = completed_results(out, cfg)  # resumable sweeps: skip_completed=true
     if finished is not None:
         return finished
@@ -168,7 +170,8 @@ def run_summary(cfg: DictConfig, gpt: GPT, datamodule: Any) -> str:
     return (f"model: {gpt.num_parameters():,} parameters, {model.n_layer} layers, d_model {model.d_model}, "
             f"{model.n_heads} heads, attention "
             f"{' + '.join(f'{n}x{name}' for name, n in layers.items())} | data: {datamodule.source}, "
-            f"{datamodule.tokenizer.kind} tokenizer ({datamodule.vocab_size} tokens), block {datamodule.block_size}, "
+            f"{getattr(datamodule.tokenizer, 'kind', 'no')} tokenizer ({datamodule.vocab_size} tokens), "
+            f"block {datamodule.block_size}, "
             f"batch {datamodule.batch_size} | budget: {budget_summary(cfg)['text']}, lr {cfg.optim.lr}")
 
 
@@ -194,8 +197,13 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     datamodule.setup("fit")
     model_config = gpt_config(cfg, vocab_size=datamodule.vocab_size)
     resumed_step = None if resume is None else check_resumable(resume, model_config)
+    if use_compile(cfg):
+        # A multirun trains many models in one process: drop the previous jobs' compiled graphs,
+        # which would otherwise count towards dynamo's recompile limit (a hard error under fullgraph).
+        torch._dynamo.reset()
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
-                    on_nonfinite=str(cfg.get("on_nonfinite", "stop")))
+                    on_nonfinite=str(cfg.get("on_nonfinite", "stop")),
+                    accuracy=bool(getattr(datamodule, "reports_accuracy", False)))
     announce(f"run directory: {out}" + (f" (resuming {resume})" if resume else ""),
              run_summary(cfg, module.model, datamodule))
     if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
@@ -211,8 +219,9 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     warmup = [KernelWarmup(datamodule.vocab_size, (datamodule.batch_size, datamodule.block_size),
                            (datamodule.eval_batch_size, datamodule.block_size))] if use_kernel_warmup(cfg) else []
     clock = RunClock()
+    # Samples of generated text; synthetic tasks (MQAR) have no tokenizer and no text to sample.
     sampler = [TextSampler(datamodule.tokenizer, int(cfg.sample_every), int(cfg.sample_tokens))] if cfg.get(
-        "sample_every") else []
+        "sample_every") and datamodule.tokenizer is not None else []
     callbacks = [*warmup, checkpoint, *periodic, speed, clock, *sampler, NonFiniteLossGuard()] + (
         [LearningRateMonitor("step")] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
@@ -270,6 +279,8 @@ def final_line(results: dict[str, Any], out: Path) -> str:
     parts = [f"val loss {results['val_loss']:.4f}", f"val ppl/{unit} {results['val_ppl']:.2f}"]
     if test:
         parts.append(f"test ppl/{unit} {test['test/ppl']:.2f} ({test[f'test/bits_per_{unit}']:.3f} bits/{unit})")
+    if "test/accuracy" in test:
+        parts.append(f"test accuracy {test['test/accuracy']:.3f}")
     parts += [f"{results.get('tokens_per_s', float('nan')):,.0f} tokens/s", f"results: {out / 'results.json'}"]
     return " | ".join(parts)
 

@@ -18,6 +18,7 @@ tokenizes ``hub`` datasets bigger than memory into shard memmaps (``sharded=True
 
 from .cache import ShardedTokenArray, TokenArray
 from .datamodule import LMDataModule
+from .mqar import MQARDataModule
 from .sharded import ShardingOptions, open_or_build_sharded
 from .sources import SOURCES, Corpus, load_corpus
 from .tokenizers import TOKENIZERS, Tokenizer, build_tokenizer, load_tokenizer
@@ -29,6 +30,7 @@ __all__ = [
     "TOKENIZERS",
     "Corpus",
     "LMDataModule",
+    "MQARDataModule",
     "ShardedTokenArray",
     "ShardingOptions",
     "TokenArray",

@@ -42,7 +42,7 @@ from .cache import ShardedTokenArray, TokenArray, TokenCache, open_or_build
 from .sharded import check_sharding, open_or_build_sharded
 from .sources import SPLITS, PathSpec, check_source_options, load_corpus
 from .tokenizers import Tokenizer, check_same_tokenizer, check_tokenizer_options
-from .windows import EpochSampler, EvalWindows, RandomWindows, StepPositionedLoader
+from .windows import EvalWindows, RandomWindows, training_loader
 
 LN2 = math.log(2.0)
 
@@ -214,21 +214,8 @@ class LMDataModule(L.LightningDataModule):
                                  f"the data (source={self.source!r})")
 
     def train_dataloader(self) -> DataLoader:
-        trainer = getattr(self, "trainer", None)
-        position = None
-        if trainer is not None:
-            # Windows follow the optimizer step, so resuming from any checkpoint (even mid-epoch)
-            # continues the exact stream of an uninterrupted run; all ranks' samples count.
-            def position() -> int:
-                return trainer.global_step * self.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        sampler = EpochSampler(self.samples_per_epoch, position)
-        return StepPositionedLoader(
-            self._dataset("train"),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            **self._loader_options(),
-        )
+        return training_loader(self._dataset("train"), self.batch_size, self.samples_per_epoch,
+                               getattr(self, "trainer", None), **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("validation")

@@ -111,6 +111,19 @@ class StepPositionedLoader(DataLoader):
                              "global step, nothing else is restored")
 
 
+def training_loader(dataset: Dataset, batch_size: int, samples_per_epoch: int, trainer: Any = None,
+                    **options: Any) -> StepPositionedLoader:
+    """The training loader of a data module: with a ``trainer``, windows follow the optimizer step,
+    so resuming from any checkpoint (even mid-epoch) continues the exact stream of an
+    uninterrupted run; all ranks' samples count."""
+    position = None
+    if trainer is not None:
+        def position() -> int:
+            return trainer.global_step * batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    return StepPositionedLoader(dataset, batch_size=batch_size, sampler=EpochSampler(samples_per_epoch, position),
+                                drop_last=True, **options)
+
+
 def eval_windows(n_tokens: int, block_size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Starts of the evaluation windows and how many leading targets of each to mask.
 
