@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .sweep import budget_summary
+from .sweep import budget_summary, si
 
 #: Config keys that never distinguish groups (seeds are what groups aggregate over).
 IGNORED_KEYS = ("seed", "data.seed", "skip_completed", "data.cache_dir", "data.num_workers",
@@ -49,6 +49,7 @@ class Metric:
     header: str
     get: Callable[[dict], Optional[float]]
     fmt: str
+    higher_is_better: bool = False
 
 
 def _test(name: str) -> Callable[[dict], Optional[float]]:
@@ -56,6 +57,8 @@ def _test(name: str) -> Callable[[dict], Optional[float]]:
 
 
 METRICS = (
+    Metric("val_acc", "val accuracy", lambda r: (r.get("val_metrics") or {}).get("val/accuracy"), "{:.3f}", True),
+    Metric("test_acc", "test accuracy", _test("accuracy"), "{:.3f}", True),
     Metric("val_ppl", "val ppl", lambda r: r.get("val_ppl"), "{:.2f}"),
     Metric("test_ppl", "test ppl", _test("ppl"), "{:.2f}"),
     Metric("test_bits", "test bits/unit", lambda r: _test(f"bits_per_{r.get('unit')}")(r), "{:.3f}"),
@@ -166,14 +169,16 @@ def _expected_jobs(multirun_yaml: Path) -> list[list[str]]:
     params = OmegaConf.select(saved, "hydra.sweeper.params", default=None) or {}
     command_line = _parse([str(o) for o in saved.hydra.overrides.task])
     given = {o.get_key_element() for o in command_line}
-    choices = [[f"{key}={value}" for value in _parse([f"{key}={value}"])[0].sweep_string_iterator()]
-               for key, value in params.items() if key not in given]
-    for override in command_line:
-        key = override.get_key_element()
-        values = override.sweep_string_iterator() if override.is_sweep_override() else \
-            [override.get_value_element_as_str()]
-        choices.append([f"{key}={v}" for v in values])
+    overrides = [_parse([f"{key}={value}"])[0] for key, value in params.items() if key not in given] + command_line
+    choices = [[f"{o.get_key_element()}={v}" for v in _sweep_values(o)] for o in overrides]
     return [list(job) for job in product(*choices)]
+
+
+def _sweep_values(override: Any) -> list[str]:
+    """The values of one override: every value of a sweep (``a,b``), else its one value."""
+    if override.is_sweep_override():
+        return list(override.sweep_string_iterator())
+    return [override.get_value_element_as_str()]
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[FailedRun]]:
@@ -205,8 +210,7 @@ class Group:
 
     @property
     def label(self) -> str:
-        extra = ", ".join(f"{k}={_short(v)}" for k, v in self.extras.items())
-        return f"{self.mechanism} ({extra})" if extra else self.mechanism
+        return _label(self.mechanism, self.extras)
 
     def values(self, metric: Metric) -> list[float]:
         return [v for v in (r.value(metric) for r in self.runs) if v is not None]
@@ -219,8 +223,31 @@ class Group:
         values = self.values(metric)
         return statistics.stdev(values) if len(values) > 1 else None
 
+    def ci(self, metric: Metric) -> Optional[float]:
+        """Half-width of the 95% t-interval of the mean over seeds (``None`` with one seed)."""
+        return t_halfwidth(self.values(metric))
+
+    def interval(self, metric: Metric) -> Optional[tuple[float, float]]:
+        mean, half = self.mean(metric), self.ci(metric)
+        return None if mean is None or half is None else (mean - half, mean + half)
+
     def first(self, key: str) -> Any:
         return self.runs[0].results.get(key)
+
+
+def _label(mechanism: str, extras: Mapping[str, Any]) -> str:
+    extra = ", ".join(f"{k}={_short(v)}" for k, v in extras.items())
+    return f"{mechanism} ({extra})" if extra else mechanism
+
+
+def t_halfwidth(values: Sequence[float], confidence: float = 0.95) -> Optional[float]:
+    """``t_{n-1} * s / sqrt(n)``: half-width of the t-interval of the mean of ``values`` (few seeds:
+    the t quantile, not the normal one, is what makes 3 seeds' interval honest)."""
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _short(value: Any) -> str:
@@ -272,10 +299,35 @@ def mark_pareto(groups: Sequence[Group]) -> None:
 
 # ----------------------------------------------------------------------------- tables
 def _cell(group: Group, metric: Metric) -> str:
-    mean, std = group.mean(metric), group.std(metric)
+    mean, half = group.mean(metric), group.ci(metric)
     if mean is None:
         return "-"
-    return metric.fmt.format(mean) + ("" if std is None else " ± " + metric.fmt.format(std))
+    return metric.fmt.format(mean) + ("" if half is None else " ± " + metric.fmt.format(half))
+
+
+def run_structure(results: Mapping[str, Any]) -> str:
+    """The mechanism options a run used (windows, blocks, chunks...), e.g. ``window_size=32``."""
+    from .config import attention_config_from_dict
+
+    node = (results.get("config") or {}).get("attention") or {}
+    try:
+        options = attention_config_from_dict(node).set_options()
+    except (TypeError, ValueError):  # an old or foreign config: say nothing rather than guess
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "backend")
+
+
+def full_attention_reasons(results: Mapping[str, Any]) -> list[str]:
+    """Why a run's layers were plain full attention at its context length (``covers_context``):
+    such a row is full attention under another name."""
+    from .configure import full_attention_layers, gpt_config
+
+    config = results.get("config") or {}
+    try:
+        model = gpt_config(OmegaConf.create(config), vocab_size=1)
+        return full_attention_layers(model, int(config["data"]["block_size"]))
+    except (KeyError, TypeError, ValueError):
+        return []
 
 
 def _present(groups: Sequence[Group]) -> list[Metric]:
@@ -295,7 +347,9 @@ def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
         row = {"mechanism": g.label, "block_size": g.block_size, "seeds": len(g.runs), "params": g.first("params"),
                "pareto": g.pareto}
         for m in METRICS:
-            row[f"{m.key}_mean"], row[f"{m.key}_std"] = g.mean(m), g.std(m)
+            row[f"{m.key}_mean"], row[f"{m.key}_std"], row[f"{m.key}_ci95"] = g.mean(m), g.std(m), g.ci(m)
+        row["structure"] = run_structure(g.runs[0].results)
+        row["full_attention"] = "; ".join(full_attention_reasons(g.runs[0].results))
         row["peak_memory_kind"] = g.first("peak_memory_kind")
         row["budget"] = run_budget(g.runs[0].results)
         row["device"] = g.first("device")
@@ -327,14 +381,159 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def markdown_table(groups: Sequence[Group]) -> str:
     metrics = _present(groups)
-    header = ["mechanism", "T", "seeds", "params", "unit", *[m.header for m in metrics], "budget", "Pareto"]
+    header = ["#", "mechanism", "T", "sizes", "seeds", "params", "unit", *[m.header for m in metrics], "budget",
+              "Pareto"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in groups:
-        cells = [g.label, str(g.block_size), str(len(g.runs)), f"{g.first('params'):,}", str(g.first("unit") or "token"),
+    for number, g in enumerate(groups, 1):
+        full = full_attention_reasons(g.runs[0].results)
+        # Red and named: a pattern that covers the context is full attention, not a sparse result.
+        label = g.label + (f' <span style="color:red">🔴 full attention ({"; ".join(full)})</span>' if full else "")
+        cells = [str(number), label, str(g.block_size), run_structure(g.runs[0].results) or "-", str(len(g.runs)),
+                 f"{g.first('params'):,}", str(g.first("unit") or "token"),
                  *[_cell(g, m) for m in metrics], run_budget(g.runs[0].results),
                  "✓" if g.pareto else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ranking_metric(groups: Sequence[Group]) -> Metric:
+    """Accuracy when every group has it (recall tasks: MQAR), else perplexity (:func:`quality_metric`)."""
+    for key in ("test_acc", "val_acc"):
+        if groups and all(g.values(METRIC[key]) for g in groups):
+            return METRIC[key]
+    return quality_metric(groups)
+
+
+def separable(a: Group, b: Group, metric: Metric) -> bool:
+    """Whether the 95% intervals of two groups are disjoint (no interval with one seed: not separable)."""
+    ia, ib = a.interval(metric), b.interval(metric)
+    return ia is not None and ib is not None and (ia[1] < ib[0] or ib[1] < ia[0])
+
+
+def ranking_lines(groups: Sequence[Group]) -> list[str]:
+    """Per sequence length, the groups best first; a rank whose interval overlaps the one above is
+    marked "not separable": the seeds do not tell those two apart."""
+    metric = ranking_metric(groups)
+    lines = []
+    for length in sorted({g.block_size for g in groups}):
+        ranked = sorted((g for g in groups if g.block_size == length and g.mean(metric) is not None),
+                        key=lambda g: g.mean(metric), reverse=metric.higher_is_better)
+        lines += [f"### T={length}, by {metric.header} ({'higher' if metric.higher_is_better else 'lower'} is better)",
+                  ""]
+        for rank, (above, g) in enumerate(zip([None, *ranked], ranked), 1):
+            note = ""
+            if above is not None and not separable(above, g, metric):
+                why = "95% intervals overlap" if g.ci(metric) is not None and above.ci(metric) is not None \
+                    else "one seed, no interval"
+                note = f" — **not separable** from {above.label} ({why})"
+            lines.append(f"{rank}. {g.label}: {_cell(g, metric)}{note}")
+        lines.append("")
+    return lines
+
+
+def mean_curve(group: Group) -> Optional[tuple[Any, Any]]:
+    """Validation loss against training tokens, averaged over the group's seeds at the first run's
+    evaluation points (``None`` without curves)."""
+    import numpy as np
+
+    per_step = (group.first("budget") or {}).get("tokens_per_step")
+    curves = [c for c in (validation_curve(r.path) for r in group.runs) if c is not None]
+    if not curves or not per_step:
+        return None
+    steps = np.asarray(curves[0][0])
+    loss = np.mean([np.interp(steps, c[0], c[2]) for c in curves], axis=0)
+    return steps * per_step, loss
+
+
+def last_crossing(a: tuple[Any, Any], b: tuple[Any, Any]) -> Optional[tuple[float, bool]]:
+    """Where two curves ``(tokens, loss)`` last cross within their common range, and whether ``a``
+    is the lower one after it; ``None`` when they never cross."""
+    import numpy as np
+
+    grid = np.union1d(a[0], b[0])
+    grid = grid[(grid >= max(a[0][0], b[0][0])) & (grid <= min(a[0][-1], b[0][-1]))]
+    if len(grid) < 2:
+        return None
+    diff = np.interp(grid, *a) - np.interp(grid, *b)
+    changes = np.nonzero(np.sign(diff[:-1]) * np.sign(diff[1:]) < 0)[0]
+    if not changes.size:
+        return None
+    i = changes[-1]
+    tokens = grid[i] + (grid[i + 1] - grid[i]) * diff[i] / (diff[i] - diff[i + 1])
+    return float(tokens), bool(diff[-1] < 0)
+
+
+def crossover_lines(groups: Sequence[Group]) -> list[str]:
+    """"X overtakes Y after N tokens" for every pair of groups (same T) whose mean validation curves
+    cross: the ranking at the end of the budget is not the ranking all along."""
+    from itertools import combinations
+
+    lines = []
+    for length in sorted({g.block_size for g in groups}):
+        curves = [(g, mean_curve(g)) for g in groups if g.block_size == length]
+        for (a, ca), (b, cb) in combinations([(g, c) for g, c in curves if c is not None], 2):
+            crossing = last_crossing(ca, cb)
+            if crossing is not None:
+                winner, loser = (a, b) if crossing[1] else (b, a)
+                lines.append(f"- T={length}: {winner.label} overtakes {loser.label} after {si(crossing[0])} tokens")
+    return lines
+
+
+def rope_unsupported() -> dict[str, str]:
+    """Registered mechanisms that refuse RoPE, with their reason (comparison presets use RoPE)."""
+    from .attention import AttentionFactory
+    from .config import AttentionConfig
+
+    reasons = {}
+    for name in AttentionFactory.names():
+        try:
+            AttentionFactory.get_class(name).check_config(AttentionConfig(attention_type=name, position="rope"))
+        except ValueError as err:
+            reasons[name] = str(err)
+    return reasons
+
+
+def position_lines(groups: Sequence[Group]) -> list[str]:
+    used = sorted({str(r.flat_config.get("model.position")) for g in groups for r in g.runs})
+    refused = rope_unsupported()
+    return [f"Position encodings in these runs (model.position): {', '.join(used)}. Comparison presets use RoPE "
+            "(model.position=rope,learned adds the learned-position ablation rows). Mechanisms that cannot take "
+            "RoPE: " + ("; ".join(f"{n} ({why})" for n, why in refused.items()) if refused else "none") + ".", ""]
+
+
+#: The model-width axis of recall sweeps (compare_recall).
+WIDTH_KEY = "model.d_model"
+
+
+def recall_series(groups: Sequence[Group], metric: Metric) -> dict[int, dict[str, list[tuple[int, Group]]]]:
+    """``{T: {mechanism label without the width: [(d_model, group), ...]}}`` for groups with ``metric``."""
+    series: dict[int, dict[str, list[tuple[int, Group]]]] = {}
+    for g in groups:
+        width = g.runs[0].flat_config.get(WIDTH_KEY)
+        if width is None or g.mean(metric) is None:
+            continue
+        label = _label(g.mechanism, {k: v for k, v in g.extras.items() if k != WIDTH_KEY})
+        series.setdefault(g.block_size, {}).setdefault(label, []).append((int(width), g))
+    for lines in series.values():
+        for points in lines.values():
+            points.sort(key=lambda p: p[0])
+    return series
+
+
+def recall_table(groups: Sequence[Group]) -> list[str]:
+    """Accuracy per mechanism (rows) and model width (columns), one block per sequence length."""
+    metric = ranking_metric(groups)
+    series = recall_series(groups, metric)
+    widths = sorted({w for lines in series.values() for points in lines.values() for w, _ in points})
+    if not metric.higher_is_better or not series:
+        return []
+    lines = [f"## Recall: {metric.header} against model width", "",
+             "| mechanism | T | " + " | ".join(f"d_model={w}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
+    for length, by_label in sorted(series.items()):
+        for label, points in by_label.items():
+            cells = {w: _cell(g, metric) for w, g in points}
+            lines.append(f"| {label} | {length} | " + " | ".join(cells.get(w, "-") for w in widths) + " |")
+    return lines + [""]
 
 
 def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots: Sequence[Path],
@@ -345,11 +544,18 @@ def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots:
              "Sources: " + ", ".join(f"`{s}`" for s in sources), ""]
     if groups:
         lines += [markdown_table(groups), "",
-                  f"Mean ± standard deviation over seeds. Device: {'; '.join(devices)}. Peak memory: "
+                  f"Mean ± half-width of the 95% t-interval over seeds (none with one seed; standard "
+                  f"deviations are in summary.csv). Sizes: each row's structural options (the comparison "
+                  f"presets scale them with T: compare.structure_fraction). Device: {'; '.join(devices)}. Peak memory: "
                   f"{', '.join(kinds)}" + (" (cpu_peak_rss: each run's own peak resident set size, reset at "
                                            "its start; cpu_max_rss: the process high-water mark, which runs that "
                                            "shared a process inherit)" if any("cpu" in k for k in kinds) else "")
                   + ". Pareto: no other row of the same T has both lower perplexity and higher tokens/s.", ""]
+        lines += recall_table(groups)
+        lines += ["## Rankings", ""] + ranking_lines(groups)
+        crossings = crossover_lines(groups)
+        lines += ["## Validation curves that cross", ""] + (crossings or ["No two mean validation curves cross."]) + [""]
+        lines += ["## Position encoding", ""] + position_lines(groups)
     else:
         lines += ["No complete runs found.", ""]
     if failed:
@@ -404,30 +610,77 @@ def _pyplot():
     return plt
 
 
+def label_colors(plt, labels: Iterable[str]) -> dict[str, Any]:
+    """One colour per label, the same in every plot (tab20 beyond ten labels)."""
+    labels = sorted(set(labels))
+    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def scale_axis(ax, which: str, values: Iterable[float], formatter: Any = None) -> None:
+    """Log scale when the values span more than 3x (20 mechanisms' throughputs do); ``formatter``
+    labels the ticks (e.g. ``EngFormatter``: 250k, 1.2M instead of a 1e6 offset). A log axis
+    also labels its minor ticks at 2x and 5x a power of ten (its decades alone are too few)."""
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+    values = [v for v in values if v is not None and v > 0]
+    axis = getattr(ax, f"{which}axis")
+    formatter = formatter or ScalarFormatter(useOffset=False)
+    axis.set_major_formatter(formatter)
+    if values and max(values) > 3 * min(values):
+        getattr(ax, f"set_{which}scale")("log")
+        axis.set_major_formatter(FuncFormatter(lambda v, pos: formatter.format_data(v)))
+        axis.set_minor_formatter(FuncFormatter(
+            lambda v, pos: formatter.format_data(v) if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+
+
+def _si_axis():
+    from matplotlib.ticker import EngFormatter
+
+    return EngFormatter(sep="")
+
+
+def numbered_legend(fig, plt, groups: Sequence[Group], color: Mapping[str, Any]) -> None:
+    """The legend table of numbered points: ``n  label (T)``, outside the panels."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="*" if g.pareto else "o", linestyle="", color=color[g.label],
+                      label=f"{n}  {g.label}, T={g.block_size}") for n, g in enumerate(groups, 1)]
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+               ncol=1 + len(handles) // 30, title="# (table row)")
+
+
 def plot_pareto(groups: Sequence[Group], path: Path) -> None:
-    """Perplexity against tokens/s, one panel per sequence length, the Pareto front dashed."""
+    """Perplexity against tokens/s, one panel per sequence length, the Pareto front dashed; points
+    carry their table row number (a legend table names them: 20 labels would collide)."""
     plt = _pyplot()
     quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
-    points = [(g, g.mean(speed), g.mean(quality)) for g in groups if g.mean(speed) and g.mean(quality)]
-    lengths = sorted({g.block_size for g, _, _ in points}) or [0]
-    fig, axes = plt.subplots(1, len(lengths), figsize=(9 * len(lengths), 5.5), squeeze=False)
+    color = label_colors(plt, (g.label for g in groups))
+    points = [(n, g, g.mean(speed), g.mean(quality)) for n, g in enumerate(groups, 1) if g.mean(speed) and g.mean(quality)]
+    lengths = sorted({g.block_size for _, g, _, _ in points}) or [0]
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 5.5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        panel = [(g, x, y) for g, x, y in points if g.block_size == length]
-        for g, x, y in panel:
-            ax.errorbar(x, y, xerr=g.std(speed) or 0, yerr=g.std(quality) or 0, fmt="*" if g.pareto else "o",
-                        markersize=12 if g.pareto else 7, capsize=3)
-            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        front = sorted((x, y) for g, x, y in panel if g.pareto)
+        panel = [(n, g, x, y) for n, g, x, y in points if g.block_size == length]
+        for n, g, x, y in panel:
+            ax.errorbar(x, y, xerr=g.ci(speed) or 0, yerr=g.ci(quality) or 0, fmt="*" if g.pareto else "o",
+                        markersize=12 if g.pareto else 7, capsize=3, color=color[g.label])
+            ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9, weight="bold")
+        front = sorted((x, y) for _, g, x, y in panel if g.pareto)
         if front:
-            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--",
-                    label="Pareto front")
-            ax.legend()
+            ax.step([x for x, _ in front], [y for _, y in front], where="post", color="gray", linestyle="--")
+        scale_axis(ax, "x", [x for _, _, x, _ in panel], _si_axis())
+        scale_axis(ax, "y", [y for _, _, _, y in panel])
         ax.set_xlabel("training tokens/s (higher is better)")
         ax.set_ylabel(f"{quality.header} (lower is better)")
-        ax.set_title(f"T={length}: {quality.header} vs throughput (★ = Pareto front)")
-        ax.grid(alpha=0.3)
+        ax.set_title(f"T={length}: {quality.header} vs throughput (★ and dashed: Pareto front)")
+        ax.grid(alpha=0.3, which="both")
+    numbered_legend(fig, plt, [g for _, g, _, _ in points], color)
+    _save(fig, plt, path)
+
+
+def _save(fig, plt, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the legend outside the panels
     plt.close(fig)
 
 
@@ -436,32 +689,33 @@ def plot_validation(groups: Sequence[Group], path: Path) -> None:
     mechanism keeps its colour in every row, seeds share it."""
     plt = _pyplot()
     lengths = sorted({g.block_size for g in groups}) or [0]
-    labels = sorted({g.label for g in groups})
-    cmap = plt.get_cmap("tab20" if len(labels) > 10 else "tab10")
-    color = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    color = label_colors(plt, (g.label for g in groups))
     fig, axes = plt.subplots(len(lengths), 2, figsize=(13, 4.2 * len(lengths)), squeeze=False)
     for (by_step, by_time), length in zip(axes, lengths):
-        for g in (g for g in groups if g.block_size == length):
+        losses = []
+        for n, g in enumerate(groups, 1):
+            if g.block_size != length:
+                continue
             for j, run in enumerate(g.runs):
                 curve = validation_curve(run.path)
                 if curve is None:
                     continue
                 steps, seconds, loss = curve
+                losses += loss
                 style = {"color": color[g.label], "marker": ".", "alpha": 0.8}
-                by_step.plot(steps, loss, label=g.label if j == 0 else None, **style)
+                by_step.plot(steps, loss, label=f"{n}  {g.label}" if j == 0 else None, **style)
                 by_time.plot(seconds, loss, **style)
         by_step.set_xlabel("step")
         by_time.set_xlabel("training time (s, evaluation excluded)")
         for ax in (by_step, by_time):
             ax.set_ylabel(f"validation loss (T={length})")
-            ax.grid(alpha=0.3)
-        if by_step.get_legend_handles_labels()[0]:
-            by_time.legend(*by_step.get_legend_handles_labels(), fontsize=8, loc="upper left",
-                           bbox_to_anchor=(1.02, 1.0), ncol=1 + len(labels) // 12)
-    fig.suptitle("Validation loss (one line per run; seeds share a colour)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            scale_axis(ax, "y", losses)
+            ax.grid(alpha=0.3, which="both")
+        handles = by_step.get_legend_handles_labels()
+        if handles[0]:
+            by_time.legend(*handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + len(handles[0]) // 24)
+    fig.suptitle("Validation loss (one line per run; seeds share a colour; numbers: table rows)")
+    _save(fig, plt, path)
 
 
 def plot_sequence_length(groups: Sequence[Group], path: Path) -> None:
@@ -478,21 +732,46 @@ def plot_sequence_length(groups: Sequence[Group], path: Path) -> None:
         lines: dict[str, list[Group]] = {}
         for g in groups:
             lines.setdefault(g.label, []).append(g)
+        color = label_colors(plt, lines)
         for label, members in lines.items():
             members.sort(key=lambda g: g.block_size)
             xs = [g.block_size for g in members]
-            memory.plot(xs, [g.mean(METRIC["peak_memory_mb"]) for g in members], marker="o", label=label)
-            speed.plot(xs, [g.mean(METRIC["tokens_per_s"]) for g in members], marker="o", label=label)
-        for ax, name in ((memory, "peak memory (MB)"), (speed, "training tokens/s")):
+            memory.plot(xs, [g.mean(METRIC["peak_memory_mb"]) for g in members], marker="o", label=label, color=color[label])
+            speed.plot(xs, [g.mean(METRIC["tokens_per_s"]) for g in members], marker="o", label=label, color=color[label])
+        for ax, name, key, unit in ((memory, "peak memory (MB)", "peak_memory_mb", None),
+                                    (speed, "training tokens/s", "tokens_per_s", _si_axis())):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length T (data.block_size)")
             ax.set_ylabel(name)
-            ax.grid(alpha=0.3)
-        memory.legend(fontsize=8)
+            scale_axis(ax, "y", [g.mean(METRIC[key]) for g in groups], unit)
+            ax.grid(alpha=0.3, which="both")
+        speed.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + len(lines) // 24)
     fig.suptitle("Peak memory and throughput vs sequence length")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, plt, path)
+
+
+def plot_recall(groups: Sequence[Group], path: Path) -> None:
+    """Recall accuracy against model width per mechanism, one panel per sequence length (Zoology's
+    figure): which mechanisms recall, and how much width they need to."""
+    plt = _pyplot()
+    metric = ranking_metric(groups)
+    series = recall_series(groups, metric)
+    color = label_colors(plt, (label for lines in series.values() for label in lines))
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 4.2), squeeze=False, sharey=True)
+    for ax, (length, lines) in zip(axes[0], sorted(series.items())):
+        for label, points in lines.items():
+            ax.errorbar([w for w, _ in points], [g.mean(metric) for _, g in points],
+                        yerr=[g.ci(metric) or 0 for _, g in points], marker="o", capsize=3, label=label,
+                        color=color[label])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("model width (d_model)")
+        ax.set_title(f"T={length}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric.header)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + len(color) // 24)
+    fig.suptitle(f"Associative recall (MQAR): {metric.header} vs model width (bars: 95% t-interval over seeds)")
+    _save(fig, plt, path)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -515,8 +794,11 @@ def build_report(paths: Sequence[Path | str], out: Path | str) -> Report:
     write_csv(files["runs.csv"], run_rows(runs, failed) or [{"status": "no runs found"}])
     plots = []
     if groups:
-        for name, draw in (("pareto.png", plot_pareto), ("val_loss.png", plot_validation),
-                           ("seq_len.png", plot_sequence_length)):
+        drawings = [("pareto.png", plot_pareto), ("val_loss.png", plot_validation),
+                    ("seq_len.png", plot_sequence_length)]
+        if recall_series(groups, ranking_metric(groups)) and ranking_metric(groups).higher_is_better:
+            drawings.append(("recall.png", plot_recall))
+        for name, draw in drawings:
             draw(groups, out / name)
             plots.append(out / name)
             files[name] = out / name

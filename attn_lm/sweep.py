@@ -116,10 +116,10 @@ def budget_summary(config: Mapping[str, Any], processes: Optional[int] = None) -
         if tokens is not None and max_steps == steps_for_tokens(tokens, data["batch_size"], data["block_size"],
                                                                  accumulate, processes):
             limits.append("tokens")
-            words.append(f"{_si(tokens)} tokens ({max_steps} steps)")
+            words.append(f"{si(tokens)} tokens ({max_steps} steps)")
         else:
             limits.append("steps")
-            words.append(f"{max_steps} steps ({_si(max_steps * tokens_per_step)} tokens)")
+            words.append(f"{max_steps} steps ({si(max_steps * tokens_per_step)} tokens)")
     if max_time:
         limits.append("time")
         words.append(f"wall clock {max_time}")
@@ -134,7 +134,7 @@ def budget_summary(config: Mapping[str, Any], processes: Optional[int] = None) -
     }
 
 
-def _si(n: float) -> str:
+def si(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
