@@ -157,6 +157,17 @@ def check_run_config(cfg: DictConfig) -> None:
         log.warning("%s", reason)
 
 
+def command_line_keys(cfg: DictConfig) -> set[str]:
+    """The keys given on the command line (Hydra's task overrides, ``+``/``~`` prefixes dropped):
+    from the config's own ``hydra`` node when composed with it, else from the running Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    task = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    if task is None and HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+    return {str(item).split("=", 1)[0].lstrip("+~") for item in task or ()}
+
+
 def scale_structure(cfg: DictConfig) -> dict[str, int]:
     """``compare.structure_fraction``: set the attention node's structural size (the option that
     ``covering_option`` names: window, block, stride or chunk) to that fraction of
@@ -170,7 +181,7 @@ def scale_structure(cfg: DictConfig) -> dict[str, int]:
     mechanism = AttentionFactory.get_class(name)
     config = attention_config_from_dict(_as_dict(cfg.attention))
     option = mechanism.covering_option(config)
-    if option is None or cfg.attention[option] != attention_group_options(name).get(option):
+    if option is None or f"attention.{option}" in command_line_keys(cfg):
         return {}
     size = max(1, int(int(cfg.data.block_size) * float(fraction)))
     sizes = {option: size}

@@ -20,9 +20,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from attn_lm import AttentionFactory
-from attn_lm.compare import build_report, load_runs
+from attn_lm.compare import build_report, load_runs, t_halfwidth
 from attn_lm.configure import CONF_DIR
-from attn_lm.sweep import budget_summary, process_count, steps_for_tokens
+from attn_lm.sweep import KERNEL_VARIANTS, budget_summary, process_count, steps_for_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -101,7 +101,7 @@ def test_report_on_the_real_sweep(sweep, tmp_path):
         assert int(row["seeds"]) == 2 and int(row["params"]) == mine[0]["params"]
         assert row["budget"] == "6 steps (768 tokens)"
         val = [r["val_ppl"] for r in mine]
-        assert f"{statistics.fmean(val):.2f} ± {statistics.stdev(val):.2f}" in markdown
+        assert f"{statistics.fmean(val):.2f} ± {t_halfwidth(val):.2f}" in markdown  # 95% t-interval
     for header in ("unit", "val ppl", "test ppl", "test bits/unit", "train tokens/s", "step ms", "peak MB",
                    "wall s", "budget", "Pareto"):
         assert header in markdown
@@ -210,7 +210,7 @@ def test_compare_preset_sweep_dir_is_deterministic():
 
 
 def test_compare_all_sweeps_every_registered_mechanism():
-    cfg = compose_cfg(["experiment=compare_all"])
+    cfg = compose_cfg(["experiment=compare_all", "compare.kernel_variants=true"])
     assert cfg.hydra.sweeper.params.attention.split(",") == AttentionFactory.names()
     assert cfg.hydra.sweep.dir == "multirun/compare_all" and cfg.trainer.max_steps == 600
     for name in AttentionFactory.names():
@@ -272,7 +272,9 @@ def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
     assert deal(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
     assert deal(["a"], 4) == [["a"]]
     values, rest = split_values(["experiment=compare_all", "seed=1,2"], "attention")
-    assert values == AttentionFactory.names() and rest == ["experiment=compare_all", "seed=1,2"]
+    assert values == [n for n in AttentionFactory.names() if n not in KERNEL_VARIANTS]
+    assert rest == ["experiment=compare_all", "seed=1,2"]
+    assert split_values(["compare.kernel_variants=true"], "attention")[0] == AttentionFactory.names()
     assert split_values(["seed=1,2", "x=y"], "seed") == (["1", "2"], ["x=y"])
     with pytest.raises(ValueError, match="no 'seed="):
         split_values(["x=y"], "seed")

@@ -1,0 +1,170 @@
+"""Comparison v2 (issue 16): MQAR data and accuracy, structural sizes that follow the context,
+refused full-attention rows, kernel variants out of quality sweeps, t-intervals and separability,
+curve crossovers, and the recall sweep end to end (experiment=compare_recall debug=smoke)."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from attn_lm import AttentionFactory
+from attn_lm.compare import build_report, last_crossing, t_halfwidth
+from attn_lm.configure import CONF_DIR, check_run_config, scale_structure
+from attn_lm.data import MQARDataModule
+from attn_lm.sweep import KERNEL_VARIANTS
+
+from .synthetic_sweep import run_config, write_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides, return_hydra_config=True)
+
+
+# ----------------------------------------------------------------------------- MQAR data
+def test_mqar_layout_targets_and_seeded_splits():
+    dm = MQARDataModule(vocab_size=64, block_size=32, num_kv_pairs=4, num_queries=3, eval_examples=5, seed=7)
+    x, y = dm.datasets["train"][3]
+    pairs = dict(zip(x[0:8:2].tolist(), x[1:8:2].tolist()))
+    assert len(pairs) == 4 and all(1 <= k < 32 <= v < 64 for k, v in pairs.items())  # keys / values halves
+    scored = (y != -1).nonzero().flatten().tolist()
+    assert len(scored) == 3 and min(scored) >= 8
+    for i in scored:  # a query repeats a key; its target is that key's value, the next input token
+        assert y[i] == pairs[int(x[i])] == x[i + 1]
+    assert torch.equal(x, dm.datasets["train"][3][0])  # deterministic
+    other_seed = MQARDataModule(vocab_size=64, block_size=32, num_kv_pairs=4, num_queries=3, eval_examples=5, seed=8)
+    assert not torch.equal(x, other_seed.datasets["train"][3][0])
+    assert torch.equal(dm.datasets["validation"][0][0], other_seed.datasets["validation"][0][0])  # eval_seed
+    assert not torch.equal(dm.datasets["validation"][0][0], dm.datasets["test"][0][0])
+    with pytest.raises(ValueError, match="more than block_size"):
+        MQARDataModule(vocab_size=64, block_size=16, num_kv_pairs=5)
+
+
+def test_accuracy_counts_scored_targets_only():
+    from attn_lm.config import GPTConfig
+    from attn_lm.lit_module import LitGPT
+
+    module = LitGPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, d_model=8, n_heads=2), {}, accuracy=True)
+    metric = module.val_accuracy
+    preds = torch.tensor([[1, 2, 3, 4]])
+    metric.update(torch.nn.functional.one_hot(preds, 8).float().argmax(-1), torch.tensor([[1, -1, 0, 4]]))
+    assert float(metric.compute()) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- harness
+@pytest.mark.parametrize("T", [64, 2048])
+def test_structure_follows_context_and_full_attention_is_refused(T):
+    cfg = compose_cfg(["experiment=compare_attention", "attention=local", f"data.block_size={T}"])
+    assert scale_structure(cfg) == {"window_size": T // 8} and cfg.attention.window_size == T // 8
+    check_run_config(cfg)
+    low_rank = compose_cfg(["experiment=compare_attention", "attention=linformer", "data.block_size=64"])
+    assert scale_structure(low_rank) == {"chunk_size": 8, "proj_len": 8}  # summaries fit in the chunk
+    given = compose_cfg(["experiment=compare_attention", "attention=local", f"attention.window_size={T}",
+                         f"data.block_size={T}"])
+    assert scale_structure(given) == {}  # a size given on the command line is kept...
+    with pytest.raises(ValueError, match="full attention.*refuse_full_attention"):
+        check_run_config(given)  # ...and refused when it covers the context
+
+
+def test_kernel_variants_leave_quality_sweeps_unless_asked():
+    swept = compose_cfg(["experiment=compare_all"]).hydra.sweeper.params.attention.split(",")
+    assert swept == [n for n in AttentionFactory.names() if n not in KERNEL_VARIANTS] and "full" in swept
+    every = compose_cfg(["experiment=compare_all", "compare.kernel_variants=true"]).hydra.sweeper.params.attention
+    assert every.split(",") == AttentionFactory.names()
+    recall = compose_cfg(["experiment=compare_recall"])
+    assert recall.hydra.sweeper.params["data.block_size"] == "64,128,256,512"
+    assert recall.hydra.sweeper.params["model.d_model"] == "64,128,256"
+    assert recall.hydra.sweeper.params["model.position"] == "rope" and "sdpa" not in recall.hydra.sweeper.params.attention
+
+
+# ----------------------------------------------------------------------------- report statistics
+def test_t_interval_and_crossing():
+    values = [4.0, 4.2, 4.4]
+    assert t_halfwidth(values) == pytest.approx(4.302653 * statistics.stdev(values) / math.sqrt(3), rel=1e-5)
+    assert t_halfwidth([4.0]) is None
+    a = ([0, 100, 200, 300], [3.0, 2.0, 1.0, 0.5])   # starts higher, ends lower
+    b = ([0, 100, 200, 300], [2.5, 1.8, 1.2, 1.0])
+    tokens, a_wins = last_crossing(a, b)
+    assert a_wins and 100 < tokens < 200
+    assert last_crossing(a, ([0, 300], [4.0, 3.0])) is None
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(tmp_path_factory):
+    """20 rows at one length, 3 seeds each; full's curve crosses others; a window that covers T."""
+    root = tmp_path_factory.mktemp("synthetic")
+    rows = [(n, []) for n in AttentionFactory.names() if n != "local"]
+    rows += [("local", [f"attention.window_size={w}"]) for w in (32, 64, 256)]
+    for i, (name, options) in enumerate(rows[:20]):
+        cfg = run_config(["experiment=compare_attention", f"attention={name}", "data.block_size=256", *options])
+        for seed in (1, 2, 3):
+            start = 3.5 if name == "full" else 3.0  # full starts worse and learns faster
+            curve = [(s, start - (0.0015 if name == "full" else 0.0005 + 0.0001 * i) * s) for s in range(100, 1100, 100)]
+            write_run(root, cfg, seed, {"test_ppl": 4 + 0.02 * i + 0.05 * seed, "tokens_per_s": 1e5 * (1 + i)}, curve)
+    return build_report([root], tmp_path_factory.mktemp("report"))
+
+
+def test_report_rankings_crossings_and_flags(synthetic_report):
+    markdown = synthetic_report.files["report.md"].read_text()
+    assert len(synthetic_report.groups) == 20
+    full = next(g for g in synthetic_report.groups if g.mechanism == "full")
+    ppl = [4 + 0.05 * s for s in (1, 2, 3)]
+    assert f"{statistics.fmean(ppl):.2f} ± {t_halfwidth(ppl):.2f}" in markdown
+    assert "**not separable**" in markdown and "95% intervals overlap" in markdown
+    # sdpa (row 1): 3.5 - 0.0015 s = 3 - 0.0006 s at step 555.6, 1000 tokens per step
+    assert f"T=256: {full.label} overtakes sdpa after 556k tokens" in markdown
+    assert 'color:red">🔴 full attention' in markdown and "window_size 256 ≥ context 256" in markdown
+    assert "Mechanisms that cannot take RoPE: none" in markdown and "window_size=256" in markdown
+
+
+def test_plots_of_twenty_mechanisms(synthetic_report):
+    for name in ("pareto.png", "val_loss.png", "seq_len.png"):
+        assert synthetic_report.files[name].stat().st_size > 20000, name
+
+
+def test_axes_go_log_past_3x_and_print_k_and_m():
+    from attn_lm.compare import _pyplot, _si_axis, scale_axis
+
+    plt = _pyplot()
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    wide.plot([1e5, 2e6], [1, 2])
+    scale_axis(wide, "x", [1e5, 2e6], _si_axis())
+    narrow.plot([1e5, 2.5e5], [1, 2])
+    scale_axis(narrow, "x", [1e5, 2.5e5], _si_axis())
+    fig.canvas.draw()
+    assert wide.get_xscale() == "log" and narrow.get_xscale() == "linear"
+    labels = {t.get_text() for t in wide.get_xticklabels() + wide.get_xticklabels(minor=True)}
+    assert {"100k", "200k", "1M"} <= labels
+    assert narrow.xaxis.get_offset_text().get_text() == "" and any("k" in t.get_text() for t in narrow.get_xticklabels())
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- recall end to end
+def test_compare_recall_smoke_and_report(tmp_path):
+    root = tmp_path / "recall"
+    proc = subprocess.run(
+        [sys.executable, "-m", "attn_lm.train", "-m", "experiment=compare_recall", "debug=smoke", "trainer=cpu",
+         "compile=false", "data.vocab_size=64", "data.block_size=32", "model.d_model=16,32", "attention=full,local",
+         "trainer.enable_progress_bar=false", f"hydra.sweep.dir={root}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in root.glob("*/results.json")]
+    assert len(results) == 4
+    for r in results:
+        assert 0.0 <= r["test_metrics"]["test/accuracy"] <= 1.0 and "val/accuracy" in r["val_metrics"]
+        if r["attention"][0] == "local":
+            assert r["config"]["attention"]["window_size"] == 4  # 32 / 8
+    report = build_report([root], tmp_path / "report")
+    markdown = report.files["report.md"].read_text()
+    assert "## Recall: test accuracy against model width" in markdown and "| local | 32 |" in markdown
+    assert "d_model=16 | d_model=32" in markdown and report.files["recall.png"].stat().st_size > 5000
+    assert not report.failed
