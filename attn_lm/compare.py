@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 from .sweep import budget_summary, si
 
 #: Config keys that never distinguish groups (seeds are what groups aggregate over).
-IGNORED_KEYS = ("seed", "data.seed", "skip_completed", "data.cache_dir", "data.num_workers",
+IGNORED_KEYS = ("seed", "data.seed", "skip_completed", "compare.kernel_variants", "data.cache_dir", "data.num_workers",
                 "trainer.enable_progress_bar", "logger.", "hydra.")
 
 

@@ -146,6 +146,14 @@ def _plain(cfg: DictConfig) -> Any:
     return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
 
 
+def _run_defining(config: Any) -> Any:
+    """A stored config without the keys that choose which jobs a sweep has, not what a job does
+    (``compare.kernel_variants``: adding the kernel rows must not re-run the others)."""
+    if not isinstance(config, dict) or not isinstance(config.get("compare"), dict):
+        return config
+    return {**config, "compare": {k: v for k, v in config["compare"].items() if k != "kernel_variants"}}
+
+
 def completed_results(out: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
     """The ``results.json`` of a finished run of the same config in ``out``, when ``cfg.skip_completed``.
 
@@ -165,7 +173,7 @@ def completed_results(out: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
     if results.get("status") != "complete":
         log.warning("re-running %s: results.json has status %r", out, results.get("status"))
         return None
-    if results.get("config") != _plain(cfg):
+    if _run_defining(results.get("config")) != _run_defining(_plain(cfg)):
         log.warning("re-running %s: results.json was written for a different config", out)
         return None
     log.info("skipping %s: complete results.json for the same config (skip_completed=false re-runs it)", out)

@@ -155,7 +155,7 @@ def test_compare_script_with_wandb_offline(sweep, tmp_path):
     proc = subprocess.run([sys.executable, "scripts/compare.py", str(sweep.dir), "--out", str(tmp_path), "--wandb"],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| full | 32 | 2 |" in proc.stdout and "failed:" in proc.stdout
+    assert "| full | 32 | - | 2 |" in proc.stdout and "failed:" in proc.stdout  # mechanism, T, sizes, seeds
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 

@@ -25,9 +25,9 @@ from .synthetic_sweep import run_config, write_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_cfg(overrides: list[str]):
+def compose_cfg(overrides: list[str], hydra: bool = True):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides, return_hydra_config=True)
+        return compose("train", overrides, return_hydra_config=hydra)
 
 
 # ----------------------------------------------------------------------------- MQAR data
@@ -168,3 +168,17 @@ def test_compare_recall_smoke_and_report(tmp_path):
     assert "## Recall: test accuracy against model width" in markdown and "| local | 32 |" in markdown
     assert "d_model=16 | d_model=32" in markdown and report.files["recall.png"].stat().st_size > 5000
     assert not report.failed
+
+
+def test_adding_kernel_variants_keeps_finished_runs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from attn_lm.sweep import _plain, completed_results
+
+    cfg = compose_cfg(["experiment=compare_attention", "attention=full"], hydra=False)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "complete", "config": _plain(cfg)}))
+    again = OmegaConf.merge(cfg, {"compare": {"kernel_variants": True}})
+    assert completed_results(tmp_path, again) is not None
+    assert completed_results(tmp_path, OmegaConf.merge(cfg, {"compare": {"structure_fraction": 0.25}})) is None
+    excluded = compose_cfg(["experiment=compare_attention"]).hydra.job.config.override_dirname.exclude_keys
+    assert "compare.kernel_variants" in excluded
