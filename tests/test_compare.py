@@ -242,7 +242,8 @@ def test_optuna_lr_sweeper_preset_composes():
     sweeper = cfg.hydra.sweeper
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "minimize"
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert list(sweeper.params) == ["optim.lr"] and "log" in sweeper.params["optim.lr"]
+    # model.position=rope: the comparison preset's fixed axis (Optuna keeps it as a fixed parameter)
+    assert sorted(sweeper.params) == ["model.position", "optim.lr"] and "log" in sweeper.params["optim.lr"]
     assert sweeper.study_name == "lr_local"
     fields = {k: v for k, v in OmegaConf.to_container(sweeper).items() if k != "sampler"}
     OmegaConf.merge(OmegaConf.structured(OptunaSweeperConf), fields)  # unknown keys / bad types raise

@@ -215,6 +215,7 @@ def test_every_preset_is_accepted_by_the_constructor() -> None:
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     assert names == [
         "hub",
+        "mqar",
         "stdlib",
         "text_files",
         "tinyshakespeare",
@@ -229,7 +230,7 @@ def test_every_preset_is_accepted_by_the_constructor() -> None:
     }  # the presets leave these to the user
     for name in names:
         cfg = OmegaConf.load(PRESETS / f"{name}.yaml")
-        assert cfg._target_ == "attn_lm.data.LMDataModule"
+        assert cfg._target_ == ("attn_lm.data.MQARDataModule" if name == "mqar" else "attn_lm.data.LMDataModule")
         dm = instantiate(cfg, **required.get(name, {}))  # validates every option; reads nothing
         assert (dm.block_size, dm.batch_size) == (cfg.block_size, cfg.batch_size), name
 
