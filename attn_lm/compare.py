@@ -764,6 +764,9 @@ def plot_recall(groups: Sequence[Group], path: Path) -> None:
                         yerr=[g.ci(metric) or 0 for _, g in points], marker="o", capsize=3, label=label,
                         color=color[label])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({w for points in lines.values() for w, _ in points}))
+        ax.xaxis.set_major_formatter("{x:.0f}")  # 64, 128, 256 rather than 2^6
+        ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_xlabel("model width (d_model)")
         ax.set_title(f"T={length}")
         ax.set_ylim(-0.02, 1.02)
