@@ -67,6 +67,8 @@ def test_rerun_skips_finished_jobs_and_runs_the_rest(sweep):
     assert len(sweep.final) == 4  # the seed=2 jobs ran
     for results in results_of(sweep.dir):
         assert results["status"] == "complete" and results["steps"] == 6
+        if results["attention"][0] == "local":  # compare.structure_fraction: the window is T/8
+            assert results["config"]["attention"]["window_size"] == 32 // 8
 
 
 def test_sweep_runs_share_everything_but_mechanism_and_seed(sweep):

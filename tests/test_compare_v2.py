@@ -153,19 +153,18 @@ def test_compare_recall_smoke_and_report(tmp_path):
     root = tmp_path / "recall"
     proc = subprocess.run(
         [sys.executable, "-m", "attn_lm.train", "-m", "experiment=compare_recall", "debug=smoke", "trainer=cpu",
-         "compile=false", "data.vocab_size=64", "data.block_size=32", "model.d_model=16,32", "attention=full,local",
+         "compile=false", "data.vocab_size=64", "data.block_size=32", "model.d_model=16,32", "attention=full",
          "trainer.enable_progress_bar=false", f"hydra.sweep.dir={root}"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in root.glob("*/results.json")]
-    assert len(results) == 4
+    assert len(results) == 2
     for r in results:
         assert 0.0 <= r["test_metrics"]["test/accuracy"] <= 1.0 and "val/accuracy" in r["val_metrics"]
-        if r["attention"][0] == "local":
-            assert r["config"]["attention"]["window_size"] == 4  # 32 / 8
+        assert r["config"]["model"]["position"] == "rope" and r["config"]["sample_every"] == 0
     report = build_report([root], tmp_path / "report")
     markdown = report.files["report.md"].read_text()
-    assert "## Recall: test accuracy against model width" in markdown and "| local | 32 |" in markdown
+    assert "## Recall: test accuracy against model width" in markdown and "| full | 32 |" in markdown
     assert "d_model=16 | d_model=32" in markdown and report.files["recall.png"].stat().st_size > 5000
     assert not report.failed
 
