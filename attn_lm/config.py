@@ -36,6 +36,7 @@ MECHANISM_OPTIONS = (
     "layout",
     "seed",
     "backend",
+    "num_sink_tokens",
 )
 
 
@@ -77,6 +78,7 @@ class AttentionConfig:
     layout: Optional[str] = None
     seed: Optional[int] = None
     backend: Optional[str] = None
+    num_sink_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:

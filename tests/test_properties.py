@@ -32,6 +32,7 @@ OPTION_VALUES = {
     "layout": st.sampled_from(["0", "0,-1", "-2,0"]),
     "seed": st.integers(0, 1000),
     "backend": st.sampled_from(["auto", "math"]),
+    "num_sink_tokens": st.integers(1, 3),
 }
 
 

@@ -1,0 +1,61 @@
+"""Mechanism-specific properties of the issue-15 mechanisms (the registry-parametrized tests in
+test_attention_registry.py / test_generation.py / test_compile.py cover the common ones)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn_lm import GPT, GPTConfig
+from attn_lm.decoding import Decoder
+
+from .helpers import build, small_config
+
+
+# ------------------------------------------------------------------------------ sink
+def streaming_reference(layer, q, k, v, L, n, w):
+    """StreamingLLM attention written out per query from *unrotated* q, k: window keys at their
+    true distance, sinks at distance ``min(p, L - 1) - j`` (sink.py: the rule past the training
+    length)."""
+    T, out = q.shape[2], []
+    zero = torch.zeros(1, dtype=torch.long)
+    for p in range(T):
+        keys = [j for j in range(p + 1) if j < n or p - j < w]
+        dist = torch.tensor([min(p, L - 1) - j if j < n else p - j for j in keys])
+        qr = layer.rotary(q[:, :, p:p + 1].expand(-1, -1, len(keys), -1), q[:, :, :1], dist, zero)[0]
+        kr = layer.rotary(k[:, :, keys], k[:, :, :1], zero, zero)[0]  # distance is all the query carries
+        scores = (qr * kr).sum(-1) / q.shape[-1] ** 0.5
+        out.append((scores.softmax(-1)[..., None] * v[:, :, keys]).sum(2, keepdim=True))
+    return torch.cat(out, dim=2)
+
+
+def test_sink_decodes_ten_times_its_training_length_at_constant_memory():
+    """A layer trained on L = 16 positions decodes 10 L positions with one bounded cache; each
+    output equals the written-out rule (sinks at capped distance, window exact)."""
+    L, n, w = 16, 2, 5
+    layer = build("sink", position="rope", max_seq_len=L, window_size=w, num_sink_tokens=n)
+    x = torch.randn(1, 10 * L, layer.config.d_model, dtype=torch.float64)
+    cache = layer.new_cache(1, 10 * L, torch.float64, "cpu")
+    nbytes = cache.nbytes()
+    ys = [layer(x[:, :4], cache=cache)]
+    ys += [layer(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in range(4, 10 * L)]
+    assert cache.nbytes() == nbytes == 2 * (n + w) * layer.config.d_model * 8 + (n + w) * 8
+    q, k, v = layer.project(x, None)
+    expected = layer.project_out(streaming_reference(layer, q, k, v, L, n, w))
+    torch.testing.assert_close(torch.cat(ys, dim=1), expected, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="decode with a cache"):
+        layer(x[:, : L + 1])  # an uncached forward past L would need the cap per query
+
+
+def test_sink_model_streams_past_block_size_with_constant_cache_bytes():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=41, block_size=16, n_layer=2, d_model=32, n_heads=4, position="rope",
+                       attention=small_config("sink", window_size=4, num_sink_tokens=2))
+    model = GPT(config).eval()
+    prompt = torch.randint(0, 41, (1, 5))
+    sizes = []
+    for new in (10, 160):  # 160 = 10 x block_size
+        decoder = Decoder(model, 5 + new, max_context=5 + new)
+        tokens = torch.cat(list(decoder.stream(prompt, new, temperature=0)), dim=1)
+        assert tokens.shape == (1, new)
+        sizes.append(decoder.cache_nbytes())
+    assert sizes[0] == sizes[1] > 0
