@@ -37,6 +37,7 @@ MECHANISM_OPTIONS = (
     "seed",
     "backend",
     "num_sink_tokens",
+    "lambda_init",
 )
 
 
@@ -79,6 +80,7 @@ class AttentionConfig:
     seed: Optional[int] = None
     backend: Optional[str] = None
     num_sink_tokens: Optional[int] = None
+    lambda_init: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:

@@ -120,7 +120,7 @@ PREFERRED = ("flash", "sdpa", "full")
 
 def kind_of(layer: Attention) -> str:
     """Which of :data:`KINDS` a layer belongs to (by the family base class it builds on)."""
-    if isinstance(layer, SoftmaxAttention):
+    if isinstance(layer, SoftmaxAttention) and layer.exact:  # not diff: softmax maps, but not one softmax
         if not layer.pattern.is_full:
             return "exact_sparse"
         return "shared_kv" if layer.n_kv_heads < layer.n_heads else "exact_full"

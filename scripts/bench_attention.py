@@ -78,6 +78,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
 from attn_lm.attention.functional import reference_attention
+from attn_lm.attention.diff import DiffAttention
 from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
 from attn_lm.attention.lowrank import ChunkedLowRankAttention
 
@@ -145,6 +146,8 @@ def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device)
     T, D = shape.T, shape.D
     if module.exact:
         return softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
+    if isinstance(module, DiffAttention):  # two maps of D/2-wide scores, each times D-wide values: 6 T^2 D
+        return 1.5 * softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
     if isinstance(module, KernelizedAttention):
         C, Fd = min(module.opt("chunk_size"), T), module.feature_dim
         per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D

@@ -59,3 +59,58 @@ def test_sink_model_streams_past_block_size_with_constant_cache_bytes():
         assert tokens.shape == (1, new)
         sizes.append(decoder.cache_nbytes())
     assert sizes[0] == sizes[1] > 0
+
+
+# ------------------------------------------------------------------------------ diff
+def test_diff_is_the_papers_equation_with_lambda_and_head_norm():
+    """DiffAttn = RMSNorm_head((softmax(q1 k1^T/sqrt(D/2)) - lambda softmax(q2 k2^T/sqrt(D/2))) v)
+    * (1 - lambda_init), lambda = exp(lq1.lk1) - exp(lq2.lk2) + lambda_init, written per head."""
+    from attn_lm.attention.diff import lambda_init_for_layer
+
+    assert lambda_init_for_layer(1) == pytest.approx(0.2) and lambda_init_for_layer(100) == pytest.approx(0.8)
+    layer = build("diff", lambda_init=0.3)
+    with torch.no_grad():
+        layer.norm_weight.uniform_(0.5, 1.5)
+    T, D = 9, layer.head_dim
+    x = torch.randn(2, T, layer.config.d_model, dtype=torch.float64)
+    q, k, v = layer.project(x, None)
+    lam = (torch.exp(layer.lambda_q1 @ layer.lambda_k1) - torch.exp(layer.lambda_q2 @ layer.lambda_k2) + 0.3)
+    assert abs(lam.item() - 0.3) > 1e-3  # the learned part is not trivially zero
+    first = torch.cat([torch.arange(D // 4), torch.arange(D // 2, 3 * D // 4)])  # closed under (i, i + D/2)
+    second = torch.cat([torch.arange(D // 4, D // 2), torch.arange(3 * D // 4, D)])
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def softmax_map(idx):
+        s = q[..., idx] @ k[..., idx].transpose(-2, -1) / (D / 2) ** 0.5
+        return s.masked_fill(~causal, float("-inf")).softmax(-1)
+
+    y = (softmax_map(first) - lam * softmax_map(second)) @ v
+    y = y / (y.square().mean(-1, keepdim=True) + 1e-5).sqrt() * layer.norm_weight * (1 - 0.3)
+    expected = layer.project_out(y)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+    layer(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for p in (layer.lambda_q1, layer.lambda_k1, layer.lambda_q2, layer.lambda_k2, layer.norm_weight))
+
+
+def test_diff_halves_keep_rope_relative():
+    """Each half-score depends on the distance only (halves follow RoPE's rotation pairs)."""
+    from attn_lm.attention.diff import halves
+
+    layer = build("diff", position="rope")
+    q, k = torch.randn(2, 1, 4, 1, layer.head_dim, dtype=torch.float64).unbind(0)
+    for shift in (0, 7):
+        qr, kr = layer.rotary(q, k, torch.tensor([5 + shift]), torch.tensor([2 + shift]))
+        scores = [(a * b).sum() for a, b in zip(halves(qr), halves(kr))]
+        if shift == 0:
+            base = scores
+        torch.testing.assert_close(torch.stack(scores), torch.stack(base), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("overrides,match", [(dict(lambda_init=1.0), "lambda_init must be in"),
+                                             (dict(position="rope", rope_fraction=0.5), "rope_fraction=1"),
+                                             (dict(d_model=24, n_heads=4), "divisible by 4"),
+                                             (dict(position="alibi"), "each of the two maps")])
+def test_diff_rejects_what_it_cannot_compute(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build("diff", **overrides)

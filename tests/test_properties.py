@@ -33,6 +33,7 @@ OPTION_VALUES = {
     "seed": st.integers(0, 1000),
     "backend": st.sampled_from(["auto", "math"]),
     "num_sink_tokens": st.integers(1, 3),
+    "lambda_init": st.floats(0.1, 0.9),
 }
 
 
