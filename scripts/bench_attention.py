@@ -81,6 +81,7 @@ from attn_lm.attention.functional import reference_attention
 from attn_lm.attention.diff import DiffAttention
 from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
 from attn_lm.attention.lowrank import ChunkedLowRankAttention
+from attn_lm.attention.retention import RetentionAttention
 
 #: Benchmark defaults per mechanism (applied only to options the mechanism declares).
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
@@ -153,6 +154,9 @@ def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device)
         per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
         if isinstance(module, PerformerAttention):
             per_head += 4 * T * D * Fd
+    elif isinstance(module, RetentionAttention):  # chunk-local scores and values + chunk states in and out
+        C = min(module.opt("chunk_size"), T)
+        per_head = 4 * T * C * D + 4 * T * D * D
     elif isinstance(module, ChunkedLowRankAttention):
         C, p = module.chunk_size, module.summary_len
         n = -(-T // C)

@@ -114,3 +114,53 @@ def test_diff_halves_keep_rope_relative():
 def test_diff_rejects_what_it_cannot_compute(overrides, match):
     with pytest.raises(ValueError, match=match):
         build("diff", **overrides)
+
+
+# ------------------------------------------------------------------------------ retention
+def test_retention_decays_are_the_papers():
+    from attn_lm.attention.retention import retention_decays
+
+    gamma = retention_decays(4).exp()
+    torch.testing.assert_close(gamma, torch.tensor([1 - 2.0**-5, 1 - 2.0**-6, 1 - 2.0**-7, 1 - 2.0**-8],
+                                                   dtype=torch.float64))
+
+
+def test_retention_parallel_chunkwise_and_recurrent_forms_agree():
+    """(Q K^T * D) V written with explicit powers == the chunkwise form for several chunk sizes
+    (also from a non-zero state) == the recurrence S <- gamma S + k^T v, o = q S, token by token."""
+    from attn_lm.attention.retention import chunked_retention
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 13, 4
+    q, k, v = torch.randn(3, B, H, T, D, dtype=torch.float64).unbind(0)
+    gamma = torch.tensor([0.9, 0.6, 0.97], dtype=torch.float64)
+    n = torch.arange(T)
+    decay = torch.stack([torch.where(n[:, None] >= n, g ** (n[:, None] - n).double(), 0.0) for g in gamma])
+    parallel = ((q @ k.transpose(-2, -1)) * decay) @ v
+    state, recurrent = torch.zeros(B, H, D, D, dtype=torch.float64), []
+    for t in range(T):
+        state = gamma[:, None, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        recurrent.append(q[:, :, t:t + 1] @ state)
+    torch.testing.assert_close(torch.cat(recurrent, dim=2), parallel, rtol=1e-12, atol=1e-12)
+    for C in (1, 3, 5, T, 64):
+        out, final = chunked_retention(q, k, v, gamma.log(), C)
+        torch.testing.assert_close(out, parallel, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final, state, rtol=1e-12, atol=1e-12)
+        # split in two at t = 6: the second half from the first half's state
+        first, mid = chunked_retention(q[:, :, :6], k[:, :, :6], v[:, :, :6], gamma.log(), C)
+        second, end = chunked_retention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], gamma.log(), C, mid)
+        torch.testing.assert_close(torch.cat([first, second], dim=2), parallel, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(end, state, rtol=1e-12, atol=1e-12)
+
+
+def test_retention_decodes_at_constant_memory_and_rejects_masks_while_decoding():
+    layer = build("retention", position="xpos")
+    x = torch.randn(2, 9, layer.config.d_model, dtype=torch.float64)
+    full = layer(x)
+    cache = layer.new_cache(2, 9, torch.float64, "cpu")
+    assert cache.nbytes() == layer.new_cache(2, 10_000, torch.float64, "cpu").nbytes() == 2 * 4 * 8 * 8 * 8
+    steps = [layer(x[:, :3], cache=cache), layer(x[:, 3:7], cache=cache, input_pos=torch.arange(3, 7))]
+    steps += [layer(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in (7, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="recurrent state"):
+        layer(x[:, :1], cache=cache, input_pos=torch.tensor([9]), mask=torch.ones(1, 10, dtype=torch.bool))

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .base import SoftmaxAttention, cached_attention
 from .factory import register
-from .functional import softmax_attention
+from .functional import head_rms_norm, softmax_attention
 
 
 def lambda_init_for_layer(layer: int) -> float:
@@ -91,7 +91,7 @@ class DiffAttention(SoftmaxAttention):
 
     def normalise(self, y: Tensor) -> Tensor:
         """Per-head RMSNorm (the paper's GroupNorm) and the ``1 - lambda_init`` scale."""
-        return F.rms_norm(y, (self.head_dim,), self.norm_weight.to(y.dtype), eps=1e-5) * (1 - self.lambda_init)
+        return head_rms_norm(y, self.norm_weight) * (1 - self.lambda_init)
 
     def combine(self, y1: Tensor, y2: Tensor) -> Tensor:
         """``A1 v - lambda A2 v``, normalised: the fast paths' two attention outputs combined."""
