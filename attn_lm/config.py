@@ -38,6 +38,8 @@ MECHANISM_OPTIONS = (
     "backend",
     "num_sink_tokens",
     "lambda_init",
+    "kv_rank",
+    "rope_dim",
 )
 
 
@@ -81,6 +83,8 @@ class AttentionConfig:
     backend: Optional[str] = None
     num_sink_tokens: Optional[int] = None
     lambda_init: Optional[float] = None
+    kv_rank: Optional[int] = None
+    rope_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:

@@ -23,6 +23,8 @@ SMALL_OPTIONS = {
     "seed": 0,
     "backend": None,
     "num_sink_tokens": 2,
+    "kv_rank": 12,
+    "rope_dim": 4,
 }
 
 

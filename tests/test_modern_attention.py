@@ -164,3 +164,32 @@ def test_retention_decodes_at_constant_memory_and_rejects_masks_while_decoding()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="recurrent state"):
         layer(x[:, :1], cache=cache, input_pos=torch.tensor([9]), mask=torch.ones(1, 10, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------ mla
+def test_mla_absorbed_step_equals_explicit_attention_over_materialised_keys():
+    """attend_step folds W_UK into the query and W_UV after the softmax; the explicit form
+    up-projects every cached latent to K_h = [k^R, W_UK_h c], V_h = W_UV_h c. Same numbers."""
+    from attn_lm.attention.functional import reference_attention
+
+    layer = build("mla", position="rope")
+    x = torch.randn(2, 11, layer.config.d_model, dtype=torch.float64)
+    cache = layer.new_cache(2, 16, torch.float64, "cpu")
+    layer(x[:, :7], cache=cache)
+    pos = torch.arange(7, 11)
+    q, k, v = layer.project(x[:, 7:], None)
+    q, k = layer.rotary(q, k, pos.view(1, 1, -1), pos.view(1, 1, -1))
+    absorbed = layer.attend_step(q, k, v, pos.view(1, 1, -1), cache, None)
+    keys, values = layer.materialise(cache.latent)
+    allowed = torch.arange(16) <= pos[:, None]  # written slots up to each query
+    torch.testing.assert_close(absorbed, reference_attention(q, keys, values, allowed=allowed), rtol=1e-10, atol=1e-10)
+
+
+def test_mla_cache_is_the_latent_row_only():
+    from attn_lm.selector import cache_bytes
+
+    per_token = {name: cache_bytes(build(name, dtype=torch.float32, d_model=64, n_heads=4, **opts), 1, 100,
+                                   torch.float32) / 100
+                 for name, opts in [("full", {}), ("gqa", {"n_kv_heads": 2}), ("mqa", {}),
+                                    ("mla", {"kv_rank": 16, "rope_dim": 4})]}
+    assert per_token == {"full": 2 * 64 * 4, "gqa": 2 * 2 * 16 * 4, "mqa": 2 * 16 * 4, "mla": (16 + 4) * 4}

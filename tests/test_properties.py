@@ -34,6 +34,8 @@ OPTION_VALUES = {
     "backend": st.sampled_from(["auto", "math"]),
     "num_sink_tokens": st.integers(1, 3),
     "lambda_init": st.floats(0.1, 0.9),
+    "kv_rank": st.integers(1, 16),
+    "rope_dim": st.sampled_from([2, 4, 6]),
 }
 
 

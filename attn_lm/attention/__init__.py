@@ -12,6 +12,7 @@ from . import shared_kv  # noqa: F401  (gqa, mqa)
 from . import sink  # noqa: F401  (sink)
 from . import diff  # noqa: F401  (diff)
 from . import retention  # noqa: F401  (retention)
+from . import mla  # noqa: F401  (mla)
 from .base import Attention, SoftmaxAttention, iter_attention, reference_mode
 from .factory import AttentionFactory, register
 from .masks import MaskPattern
