@@ -75,6 +75,7 @@ from .attention.base import Attention, SoftmaxAttention
 from .attention.flash_blockwise import FlashV1Attention
 from .attention.kernelized import KernelizedAttention
 from .attention.lowrank import ChunkedLowRankAttention
+from .attention.retention import RetentionAttention
 from .config import AttentionConfig
 from .profiler import AttentionProfiler, build_layer, resolve_device
 
@@ -166,6 +167,9 @@ def _core_bytes(layer: Attention, B: int, T: int, e: int, backward: bool, device
     if kind == "kernel":
         C, F = min(layer.opt("chunk_size"), T), layer.feature_dim
         return B * H * (T * C + 2 * T * F + (T / C) * F * D) * max(e, 4), False
+    if isinstance(layer, RetentionAttention):  # chunk scores, per-chunk states before/after, float32
+        C = min(layer.opt("chunk_size"), T)
+        return B * H * (T * C + 2 * (T / C) * D * D + 2 * T * D) * max(e, 4), False
     if kind == "low_rank":
         C, p = min(layer.chunk_size, T), layer.summary_len
         return B * H * T * (C + (T / C) * p) * e, False
