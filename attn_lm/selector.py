@@ -73,6 +73,7 @@ import torch
 from .attention import AttentionFactory
 from .attention.base import Attention, SoftmaxAttention
 from .attention.flash_blockwise import FlashV1Attention
+from .attention.gla import GatedLinearAttention
 from .attention.kernelized import KernelizedAttention
 from .attention.lowrank import ChunkedLowRankAttention
 from .attention.retention import RetentionAttention
@@ -167,7 +168,7 @@ def _core_bytes(layer: Attention, B: int, T: int, e: int, backward: bool, device
     if kind == "kernel":
         C, F = min(layer.opt("chunk_size"), T), layer.feature_dim
         return B * H * (T * C + 2 * T * F + (T / C) * F * D) * max(e, 4), False
-    if isinstance(layer, RetentionAttention):  # chunk scores, per-chunk states before/after, float32
+    if isinstance(layer, (RetentionAttention, GatedLinearAttention)):  # chunk scores, chunk states, float32
         C = min(layer.opt("chunk_size"), T)
         return B * H * (T * C + 2 * (T / C) * D * D + 2 * T * D) * max(e, 4), False
     if kind == "low_rank":

@@ -79,6 +79,7 @@ from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
 from attn_lm.attention.functional import reference_attention
 from attn_lm.attention.diff import DiffAttention
+from attn_lm.attention.gla import GatedLinearAttention
 from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
 from attn_lm.attention.lowrank import ChunkedLowRankAttention
 from attn_lm.attention.mla import MultiHeadLatentAttention
@@ -157,7 +158,7 @@ def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device)
         per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
         if isinstance(module, PerformerAttention):
             per_head += 4 * T * D * Fd
-    elif isinstance(module, RetentionAttention):  # chunk-local scores and values + chunk states in and out
+    elif isinstance(module, (RetentionAttention, GatedLinearAttention)):  # chunk-local scores and values + states
         C = min(module.opt("chunk_size"), T)
         per_head = 4 * T * C * D + 4 * T * D * D
     elif isinstance(module, ChunkedLowRankAttention):

@@ -108,6 +108,7 @@ def test_diff_halves_keep_rope_relative():
 
 
 @pytest.mark.parametrize("overrides,match", [(dict(lambda_init=1.0), "lambda_init must be in"),
+                                             (dict(lambda_init=0.0), "lambda_init must be in"),
                                              (dict(position="rope", rope_fraction=0.5), "rope_fraction=1"),
                                              (dict(d_model=24, n_heads=4), "divisible by 4"),
                                              (dict(position="alibi"), "each of the two maps")])
@@ -193,3 +194,38 @@ def test_mla_cache_is_the_latent_row_only():
                  for name, opts in [("full", {}), ("gqa", {"n_kv_heads": 2}), ("mqa", {}),
                                     ("mla", {"kv_rank": 16, "rope_dim": 4})]}
     assert per_token == {"full": 2 * 64 * 4, "gqa": 2 * 2 * 16 * 4, "mqa": 2 * 16 * 4, "mla": (16 + 4) * 4}
+
+
+# ------------------------------------------------------------------------------ gla
+def test_gla_chunkwise_equals_the_gated_recurrence():
+    """S_t = diag(alpha_t) S_{t-1} + k_t^T v_t, o_t = q_t S_t with per-channel, per-token gates
+    (strong ones too: alpha down to e^-1) == the chunkwise form, also resumed from a state."""
+    from attn_lm.attention.gla import chunked_gla
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 2, 13, 4
+    q, k, v = torch.randn(3, B, H, T, D, dtype=torch.float64).unbind(0)
+    log_alpha = -torch.rand(B, H, T, D, dtype=torch.float64)
+    state, recurrent = torch.zeros(B, H, D, D, dtype=torch.float64), []
+    for t in range(T):
+        state = log_alpha[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
+        recurrent.append(q[:, :, t:t + 1] @ state)
+    recurrent = torch.cat(recurrent, dim=2)
+    for C in (1, 3, 5, T):
+        out, final = chunked_gla(q, k, v, log_alpha, C)
+        torch.testing.assert_close(out, recurrent, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(final, state, rtol=1e-10, atol=1e-10)
+        first, mid = chunked_gla(q[:, :, :6], k[:, :, :6], v[:, :, :6], log_alpha[:, :, :6], C)
+        second, end = chunked_gla(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], log_alpha[:, :, 6:], C, mid)
+        torch.testing.assert_close(torch.cat([first, second], dim=2), recurrent, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(end, state, rtol=1e-10, atol=1e-10)
+
+
+def test_gla_gates_depend_on_the_token():
+    layer = build("gla")
+    x = torch.randn(1, 5, layer.config.d_model, dtype=torch.float64)
+    _, kg, _ = layer.project(x, None)
+    log_alpha = kg[..., layer.head_dim:]
+    assert (log_alpha < 0).all() and log_alpha.std(dim=2).min() > 0  # varies over tokens, in (0, 1) as a gate
+    cache = layer.new_cache(1, 5, torch.float64, "cpu")
+    assert cache.nbytes() == layer.new_cache(1, 5000, torch.float64, "cpu").nbytes()

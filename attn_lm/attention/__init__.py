@@ -13,6 +13,7 @@ from . import sink  # noqa: F401  (sink)
 from . import diff  # noqa: F401  (diff)
 from . import retention  # noqa: F401  (retention)
 from . import mla  # noqa: F401  (mla)
+from . import gla  # noqa: F401  (gla)
 from .base import Attention, SoftmaxAttention, iter_attention, reference_mode
 from .factory import AttentionFactory, register
 from .masks import MaskPattern

@@ -67,8 +67,9 @@ class DiffAttention(SoftmaxAttention):
     def validate_options(cls, config):
         super().validate_options(config)
         value = cls.option_of(config, "lambda_init")
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"diff lambda_init must be in [0, 1) (the output is scaled by 1 - lambda_init), got {value}")
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"diff lambda_init must be in (0, 1) (the paper's schedule spans [0.2, 0.8); the output "
+                             f"is scaled by 1 - lambda_init), got {value}")
         if config.head_dim % 4:
             raise ValueError(f"diff splits each head into two halves along RoPE's rotation pairs, so head_dim must be "
                              f"divisible by 4, got {config.head_dim} (d_model={config.d_model}, n_heads={config.n_heads})")
