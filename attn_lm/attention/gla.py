@@ -33,11 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attention
 from .factory import register
-from .functional import head_rms_norm
 from .masks import MaskPattern, combine_custom_mask
-from .retention import RetentionStateCache
+from .retention import MatrixStateAttention
 
 GATE_RANK, GATE_TEMPERATURE = 16, 16.0
 
@@ -70,14 +68,12 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk_size: 
 
 
 @register("gla")
-class GatedLinearAttention(Attention):
+class GatedLinearAttention(MatrixStateAttention):
     """Gated linear attention: data-dependent per-key-channel forget gates, chunkwise training,
     ``O(D^2)`` recurrent state for decoding."""
 
     description = "Gated Linear Attention: data-dependent per-channel gates, chunkwise O(T C D + T D^2), O(D^2) state"
     family = "gated_linear"
-    exact = False
-    options = {"chunk_size": 64}
     noncausal_unsupported = "its gates decay a recurrent state over earlier tokens (there is no non-causal form)"
     alibi_unsupported = "the data-dependent gates already are its distance decay; use position='rope' or 'none'"
 
@@ -85,26 +81,30 @@ class GatedLinearAttention(Attention):
         super().__init__(config)
         self.gate = nn.Sequential(nn.Linear(config.d_model, GATE_RANK, bias=False),
                                   nn.Linear(GATE_RANK, self.n_heads * self.head_dim, bias=True))
-        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
     def project(self, x, context):
         q, k, v = super().project(x, context)
         log_alpha = F.logsigmoid(self.gate(x)).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
         return q, torch.cat([k, log_alpha / GATE_TEMPERATURE], dim=-1), v
 
-    def prepare(self, q: Tensor, kg: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``q, k / sqrt(D), v, log alpha`` in at least float32."""
+    def prepare(self, q, k, v):
+        """``q, k / sqrt(D), v`` and ``log alpha`` (the key's appended half), at least float32."""
         dtype = torch.promote_types(q.dtype, torch.float32)
-        k, log_alpha = kg.to(dtype).split(self.head_dim, dim=-1)
+        k, log_alpha = k.to(dtype).split(self.head_dim, dim=-1)
         return q.to(dtype), k / math.sqrt(self.head_dim), v.to(dtype), log_alpha
 
-    def finish(self, out: Tensor, like: Tensor) -> Tensor:
-        return head_rms_norm(out, self.norm_weight).to(like.dtype)
+    def scan(self, q, k, v, decay, state=None):
+        return chunked_gla(q, k, v, decay, self.opt("chunk_size"), state)
 
-    def attend(self, q, k, v, q_pos, kv_pos, mask):
-        if mask is not None:
-            return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
-        return self.finish(chunked_gla(*self.prepare(q, k, v), self.opt("chunk_size"))[0], v)
+    def decay_state(self, state, decay):
+        return decay.exp().transpose(-2, -1) * state  # alpha scales the key rows of S
+
+    def weights_to_end(self, decay, pos, lengths):
+        """``e^(B_{len-1} - B_m)`` per channel, ``B = cumsum(log alpha)``."""
+        B = decay.cumsum(dim=2)
+        index = (lengths - 1).view(-1, 1, 1, 1).expand(-1, B.shape[1], 1, B.shape[3])
+        real = (pos < lengths[:, None])[:, None, :, None]
+        return torch.where(real, B.gather(2, index) - B, float("-inf")).exp()
 
     def attend_reference(self, q, k, v, q_pos, kv_pos, mask):
         """``A_ij = sum_c q_ic k_jc exp(B_ic - B_jc)`` (``j <= i``, allowed by ``mask``), ``A V``."""
@@ -114,37 +114,3 @@ class GatedLinearAttention(Attention):
         exponent = torch.where(allowed[..., None], B[:, :, :, None] - B[:, :, None], float("-inf"))
         scores = (q32[:, :, :, None] * k32[:, :, None] * exponent.exp()).sum(-1)
         return self.finish(scores @ v32, v)
-
-    def make_cache(self, batch, max_len, dtype, device):
-        return RetentionStateCache(batch, self.n_heads, self.head_dim, torch.promote_types(dtype, torch.float32),
-                                   device)
-
-    def reject_mask(self, mask: Optional[Tensor]) -> None:
-        if mask is not None:
-            raise ValueError("gla decodes from a recurrent state that sums every past key, so a custom mask over "
-                             "those keys cannot be applied; decode without a mask, or run the full forward")
-
-    def prefill(self, q, k, v, pos, cache, mask, lengths):
-        """The chunkwise form; the cache is each row's state after its last real token,
-        ``S = sum_{m < len} e^(B_{len-1} - B_m) * k_m^T v_m`` (padding keys weigh 0)."""
-        self.reject_mask(mask)
-        y = self.attend(q, k, v, pos, pos, None)
-        _, k32, v32, log_alpha = self.prepare(q, k, v)
-        B = log_alpha.cumsum(dim=2)
-        index = (lengths - 1).view(-1, 1, 1, 1).expand(-1, B.shape[1], 1, B.shape[3])
-        real = (pos < lengths[:, None])[:, None, :, None]
-        weight = torch.where(real, B.gather(2, index) - B, float("-inf")).exp()
-        cache.state.copy_((k32 * weight).transpose(-2, -1) @ v32)
-        return y
-
-    def attend_step(self, q, k, v, pos, cache, mask):
-        """One token: ``S <- diag(alpha) S + k^T v``, ``o = q S``; several: the chunkwise form."""
-        self.reject_mask(mask)
-        q32, k32, v32, log_alpha = self.prepare(q, k, v)
-        if q.shape[2] == 1:
-            state = log_alpha.exp().transpose(-2, -1) * cache.state + k32.transpose(-2, -1) @ v32
-            out = q32 @ state
-        else:
-            out, state = chunked_gla(q32, k32, v32, log_alpha, self.opt("chunk_size"), cache.state)
-        cache.state.copy_(state)
-        return self.finish(out, v)

@@ -89,36 +89,105 @@ class RetentionStateCache(LayerCache):
         return [self.state]
 
 
+class MatrixStateAttention(Attention):
+    """Causal softmax-free attention whose decoding cache is one ``D x D`` state per head and
+    whose heads are RMS-normalised (retention, gla). Subclasses give ``prepare`` (float32 tensors
+    and their decay), the chunkwise ``scan``, the one-token decay of the state and the weights
+    that decay each prompt key to its row's last token; the dispatch is shared."""
+
+    exact = False
+    options = {"chunk_size": 64}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``q, k / sqrt(D), v`` in at least float32 (long decayed sums) and the decay."""
+        raise NotImplementedError
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor,
+             state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """The chunkwise form: output and the state after the last token."""
+        raise NotImplementedError
+
+    def decay_state(self, state: Tensor, decay: Tensor) -> Tensor:
+        """The state carried over one token."""
+        raise NotImplementedError
+
+    def weights_to_end(self, decay: Tensor, pos: Tensor, lengths: Tensor) -> Tensor:
+        """``[B, H, T, 1 or D]``: how much of key ``m`` is left in its row's state after the row's
+        last real token (``0`` for padding)."""
+        raise NotImplementedError
+
+    def finish(self, out: Tensor, like: Tensor) -> Tensor:
+        return head_rms_norm(out, self.norm_weight).to(like.dtype)
+
+    def attend(self, q, k, v, q_pos, kv_pos, mask):
+        if mask is not None:  # the quadratic form masks any key; the scan cannot
+            return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
+        q32, k32, v32, decay = self.prepare(q, k, v)
+        return self.finish(self.scan(q32, k32, v32, decay)[0], v)
+
+    def make_cache(self, batch, max_len, dtype, device):
+        return RetentionStateCache(batch, self.n_heads, self.head_dim, torch.promote_types(dtype, torch.float32),
+                                   device)
+
+    def reject_mask(self, mask: Optional[Tensor]) -> None:
+        if mask is not None:
+            raise ValueError(f"{self.name} decodes from a recurrent state that sums every past key, so a custom mask "
+                             "over those keys cannot be applied; decode without a mask, or run the full forward")
+
+    def prefill(self, q, k, v, pos, cache, mask, lengths):
+        """The chunkwise form over the prompt; the cache is each row's state after its last real
+        token (padding keys weigh 0)."""
+        self.reject_mask(mask)
+        y = self.attend(q, k, v, pos, pos, None)
+        _, k32, v32, decay = self.prepare(q, k, v)
+        cache.state.copy_((k32 * self.weights_to_end(decay, pos, lengths)).transpose(-2, -1) @ v32)
+        return y
+
+    def attend_step(self, q, k, v, pos, cache, mask):
+        """The recurrent form for one token, ``S <- decay(S) + k^T v``, ``o = q S``; several
+        tokens take the chunkwise form from the state."""
+        self.reject_mask(mask)
+        q32, k32, v32, decay = self.prepare(q, k, v)
+        if q.shape[2] == 1:
+            state = self.decay_state(cache.state, decay) + k32.transpose(-2, -1) @ v32
+            out = q32 @ state
+        else:
+            out, state = self.scan(q32, k32, v32, decay, cache.state)
+        cache.state.copy_(state)
+        return self.finish(out, v)
+
+
 @register("retention", aliases=("retnet",))
-class RetentionAttention(Attention):
+class RetentionAttention(MatrixStateAttention):
     """RetNet's multi-scale retention: ``(Q K^T * D) V`` with a fixed per-head decay, computed
     chunkwise (``chunk_size``); decodes from an ``O(D^2)`` recurrent state per head."""
 
     description = "RetNet retention: softmax-free, per-head exponential decay; chunkwise O(T C D + T D^2), O(D^2) state"
     family = "retention"
-    exact = False
-    options = {"chunk_size": 64}
     noncausal_unsupported = "retention is a recurrence over earlier tokens (its decay mask is lower-triangular)"
     alibi_unsupported = "the per-head decay already is retention's distance bias; use position='rope' or 'xpos'"
 
     def __init__(self, config):
         super().__init__(config)
         self.register_buffer("log_gamma", retention_decays(self.n_heads).float(), persistent=False)
-        self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
-    def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``q, k / sqrt(D), v`` and ``log gamma`` in at least float32 (long decayed sums)."""
+    def prepare(self, q, k, v):
         dtype = torch.promote_types(q.dtype, torch.float32)
         return q.to(dtype), k.to(dtype) / math.sqrt(self.head_dim), v.to(dtype), self.log_gamma.to(dtype)
 
-    def finish(self, out: Tensor, like: Tensor) -> Tensor:
-        return head_rms_norm(out, self.norm_weight).to(like.dtype)
+    def scan(self, q, k, v, decay, state=None):
+        return chunked_retention(q, k, v, decay, self.opt("chunk_size"), state)
 
-    def attend(self, q, k, v, q_pos, kv_pos, mask):
-        if mask is not None:
-            return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
-        q32, k32, v32, log_gamma = self.prepare(q, k, v)
-        return self.finish(chunked_retention(q32, k32, v32, log_gamma, self.opt("chunk_size"))[0], v)
+    def decay_state(self, state, decay):
+        return decay.exp()[:, None, None] * state
+
+    def weights_to_end(self, decay, pos, lengths):
+        """``gamma^(len - 1 - m)``."""
+        return decay_powers(decay, lengths[:, None] - 1 - pos).transpose(0, 1)[..., None]
 
     def attend_reference(self, q, k, v, q_pos, kv_pos, mask):
         """The parallel form: ``(Q K^T * D) V`` with ``D_nm = gamma^(n - m)``, masked keys zero."""
@@ -126,34 +195,3 @@ class RetentionAttention(Attention):
         decay = decay_powers(log_gamma, q_pos[..., :, None] - kv_pos[..., None, :])  # [H, T, S]
         allowed = combine_custom_mask(MaskPattern(causal=True).dense(q_pos, kv_pos), mask, q32.dtype).isfinite()
         return self.finish(((q32 @ k32.transpose(-2, -1)) * decay * allowed) @ v32, v)
-
-    def make_cache(self, batch, max_len, dtype, device):
-        return RetentionStateCache(batch, self.n_heads, self.head_dim, torch.promote_types(dtype, torch.float32), device)
-
-    def reject_mask(self, mask: Optional[Tensor]) -> None:
-        if mask is not None:
-            raise ValueError("retention decodes from a recurrent state that sums every past key, so a custom mask "
-                             "over those keys cannot be applied; decode without a mask, or run the full forward")
-
-    def prefill(self, q, k, v, pos, cache, mask, lengths):
-        """The chunkwise form over the prompt; the cache is each row's state after its last real
-        token, ``S = sum_{m < len} gamma^(len - 1 - m) k_m^T v_m`` (padding keys weigh 0)."""
-        self.reject_mask(mask)
-        y = self.attend(q, k, v, pos, pos, None)
-        _, k32, v32, log_gamma = self.prepare(q, k, v)
-        weight = decay_powers(log_gamma, lengths[:, None] - 1 - pos).transpose(0, 1)  # [B, H, T]
-        cache.state.copy_((k32 * weight[..., None]).transpose(-2, -1) @ v32)
-        return y
-
-    def attend_step(self, q, k, v, pos, cache, mask):
-        """The recurrent form for one token, ``S <- gamma S + k^T v``, ``o = q S``; several tokens
-        take the chunkwise form from the state."""
-        self.reject_mask(mask)
-        q32, k32, v32, log_gamma = self.prepare(q, k, v)
-        if q.shape[2] == 1:
-            state = log_gamma.exp()[:, None, None] * cache.state + k32.transpose(-2, -1) @ v32
-            out = q32 @ state
-        else:
-            out, state = chunked_retention(q32, k32, v32, log_gamma, self.opt("chunk_size"), cache.state)
-        cache.state.copy_(state)
-        return self.finish(out, v)
