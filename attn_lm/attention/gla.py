@@ -74,7 +74,6 @@ class GatedLinearAttention(MatrixStateAttention):
 
     description = "Gated Linear Attention: data-dependent per-channel gates, chunkwise O(T C D + T D^2), O(D^2) state"
     family = "gated_linear"
-    noncausal_unsupported = "its gates decay a recurrent state over earlier tokens (there is no non-causal form)"
     alibi_unsupported = "the data-dependent gates already are its distance decay; use position='rope' or 'none'"
 
     def __init__(self, config):

@@ -97,6 +97,8 @@ class MatrixStateAttention(Attention):
 
     exact = False
     options = {"chunk_size": 64}
+    noncausal_unsupported = ("it is a recurrence over earlier tokens: a decayed state (the parallel form's mask "
+                             "is lower-triangular); use full or linear attention for a non-causal layer")
 
     def __init__(self, config):
         super().__init__(config)
@@ -168,7 +170,6 @@ class RetentionAttention(MatrixStateAttention):
 
     description = "RetNet retention: softmax-free, per-head exponential decay; chunkwise O(T C D + T D^2), O(D^2) state"
     family = "retention"
-    noncausal_unsupported = "retention is a recurrence over earlier tokens (its decay mask is lower-triangular)"
     alibi_unsupported = "the per-head decay already is retention's distance bias; use position='rope' or 'xpos'"
 
     def __init__(self, config):
