@@ -36,6 +36,10 @@ MECHANISM_OPTIONS = (
     "layout",
     "seed",
     "backend",
+    "num_sink_tokens",
+    "lambda_init",
+    "kv_rank",
+    "rope_dim",
 )
 
 
@@ -77,6 +81,10 @@ class AttentionConfig:
     layout: Optional[str] = None
     seed: Optional[int] = None
     backend: Optional[str] = None
+    num_sink_tokens: Optional[int] = None
+    lambda_init: Optional[float] = None
+    kv_rank: Optional[int] = None
+    rope_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:

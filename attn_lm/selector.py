@@ -73,8 +73,10 @@ import torch
 from .attention import AttentionFactory
 from .attention.base import Attention, SoftmaxAttention
 from .attention.flash_blockwise import FlashV1Attention
+from .attention.gla import GatedLinearAttention
 from .attention.kernelized import KernelizedAttention
 from .attention.lowrank import ChunkedLowRankAttention
+from .attention.retention import RetentionAttention
 from .config import AttentionConfig
 from .profiler import AttentionProfiler, build_layer, resolve_device
 
@@ -120,7 +122,7 @@ PREFERRED = ("flash", "sdpa", "full")
 
 def kind_of(layer: Attention) -> str:
     """Which of :data:`KINDS` a layer belongs to (by the family base class it builds on)."""
-    if isinstance(layer, SoftmaxAttention):
+    if isinstance(layer, SoftmaxAttention) and layer.exact:  # not diff: softmax maps, but not one softmax
         if not layer.pattern.is_full:
             return "exact_sparse"
         return "shared_kv" if layer.n_kv_heads < layer.n_heads else "exact_full"
@@ -166,6 +168,9 @@ def _core_bytes(layer: Attention, B: int, T: int, e: int, backward: bool, device
     if kind == "kernel":
         C, F = min(layer.opt("chunk_size"), T), layer.feature_dim
         return B * H * (T * C + 2 * T * F + (T / C) * F * D) * max(e, 4), False
+    if isinstance(layer, (RetentionAttention, GatedLinearAttention)):  # chunk scores, chunk states, float32
+        C = min(layer.opt("chunk_size"), T)
+        return B * H * (T * C + 2 * (T / C) * D * D + 2 * T * D) * max(e, 4), False
     if kind == "low_rank":
         C, p = min(layer.chunk_size, T), layer.summary_len
         return B * H * T * (C + (T / C) * p) * e, False

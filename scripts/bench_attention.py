@@ -78,8 +78,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
 from attn_lm.attention.functional import reference_attention
+from attn_lm.attention.diff import DiffAttention
+from attn_lm.attention.gla import GatedLinearAttention
 from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
 from attn_lm.attention.lowrank import ChunkedLowRankAttention
+from attn_lm.attention.mla import MultiHeadLatentAttention
+from attn_lm.attention.retention import RetentionAttention
 
 #: Benchmark defaults per mechanism (applied only to options the mechanism declares).
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
@@ -145,11 +149,18 @@ def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device)
     T, D = shape.T, shape.D
     if module.exact:
         return softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
+    if isinstance(module, DiffAttention):  # two maps of D/2-wide scores, each times D-wide values: 6 T^2 D
+        return 1.5 * softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
+    if isinstance(module, MultiHeadLatentAttention):  # scores over r + D channels, values of D: (2 r + 4 D) T^2
+        return (1 + module.rope_dim / (2 * D)) * softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
     if isinstance(module, KernelizedAttention):
         C, Fd = min(module.opt("chunk_size"), T), module.feature_dim
         per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
         if isinstance(module, PerformerAttention):
             per_head += 4 * T * D * Fd
+    elif isinstance(module, (RetentionAttention, GatedLinearAttention)):  # chunk-local scores and values + states
+        C = min(module.opt("chunk_size"), T)
+        per_head = 4 * T * C * D + 4 * T * D * D
     elif isinstance(module, ChunkedLowRankAttention):
         C, p = module.chunk_size, module.summary_len
         n = -(-T // C)

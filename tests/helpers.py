@@ -22,6 +22,9 @@ SMALL_OPTIONS = {
     "layout": None,
     "seed": 0,
     "backend": None,
+    "num_sink_tokens": 2,
+    "kv_rank": 12,
+    "rope_dim": 4,
 }
 
 
@@ -31,8 +34,8 @@ def small_config(name: str, d_model: int = 32, n_heads: int = 4, **overrides) ->
     opts = {k: v for k, v in SMALL_OPTIONS.items() if k in cls.options and v is not None}
     if name == "mqa":
         opts.pop("n_kv_heads", None)
-    opts.update(overrides)
-    return AttentionConfig(attention_type=name, d_model=d_model, n_heads=n_heads, max_seq_len=64, **opts)
+    opts = {"max_seq_len": 64, **opts, **overrides}
+    return AttentionConfig(attention_type=name, d_model=d_model, n_heads=n_heads, **opts)
 
 
 def build(name: str, dtype=torch.float64, **overrides):

@@ -32,6 +32,10 @@ OPTION_VALUES = {
     "layout": st.sampled_from(["0", "0,-1", "-2,0"]),
     "seed": st.integers(0, 1000),
     "backend": st.sampled_from(["auto", "math"]),
+    "num_sink_tokens": st.integers(1, 3),
+    "lambda_init": st.floats(0.1, 0.9),
+    "kv_rank": st.integers(1, 16),
+    "rope_dim": st.sampled_from([2, 4, 6]),
 }
 
 

@@ -9,6 +9,11 @@ from . import kernelized  # noqa: F401  (linear, performer, cosformer)
 from . import lowrank  # noqa: F401  (linformer, nystrom)
 from . import sparse  # noqa: F401  (local, block_sparse, strided, longformer, bigbird)
 from . import shared_kv  # noqa: F401  (gqa, mqa)
+from . import sink  # noqa: F401  (sink)
+from . import diff  # noqa: F401  (diff)
+from . import retention  # noqa: F401  (retention)
+from . import mla  # noqa: F401  (mla)
+from . import gla  # noqa: F401  (gla)
 from .base import Attention, SoftmaxAttention, iter_attention, reference_mode
 from .factory import AttentionFactory, register
 from .masks import MaskPattern

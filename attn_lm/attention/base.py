@@ -354,7 +354,7 @@ def cached_attention(q: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]], empt
         out, start = piece if out is None else out + piece, start + k.shape[2]
     if empty is not None:
         out = out.masked_fill(empty.view(B, n_kv, -1, 1), 0.0)
-    return out.view(B, H, T, D)
+    return out.view(B, H, T, -1)  # values may be wider than keys (diff attention's half-width maps)
 
 
 def iter_attention(module: nn.Module) -> Iterator[Attention]:

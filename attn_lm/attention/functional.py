@@ -178,3 +178,11 @@ def _warn_flex_dropout() -> None:
         "(residual and MLP dropout still apply). Set attention dropout to 0 to silence this.",
         stacklevel=3,
     )
+
+
+def head_rms_norm(y: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm of each head's output ``y [B, H, T, D]`` over ``D`` with one weight ``[D]`` shared by
+    the heads: the per-head "GroupNorm" of RetNet and the Differential Transformer (their outputs
+    are not convex combinations of values, so each head is renormalised before the projection)."""
+    return F.rms_norm(y, (y.shape[-1],), weight.to(y.dtype), eps=eps)
+

@@ -95,6 +95,19 @@ class SlidingWindowPattern(MaskPattern):
 
 
 @dataclass(eq=False)
+class SinkPattern(SlidingWindowPattern):
+    """Sliding window plus ``num_sink`` attention sinks (Xiao et al., 2023, "Efficient Streaming
+    Language Models with Attention Sinks"): the first ``num_sink`` tokens are visible from every
+    query, the rest only inside the window. Causal, this is :class:`LongformerPattern`; unlike
+    it, a sink query does not see every key when non-causal (sinks receive, they do not gather)."""
+
+    num_sink: int = 4
+
+    def allowed(self, q, kv):
+        return super().allowed(q, kv) | (kv < self.num_sink)
+
+
+@dataclass(eq=False)
 class BlockPattern(MaskPattern):
     """Block-sparse layout: tokens are grouped in blocks of ``block`` tokens; query block ``i``
     sees key blocks ``i + o`` for every offset ``o`` in ``offsets`` (``(0,)`` = block-diagonal,

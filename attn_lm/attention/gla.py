@@ -1,0 +1,115 @@
+"""Gated Linear Attention (Yang et al., 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training").
+
+Linear attention with a data-dependent forget gate per key channel: with ``alpha_t in (0, 1)^D``
+
+    S_t = diag(alpha_t) S_{t-1} + k_t^T v_t,    o_t = q_t S_t
+
+so ``o_i = sum_{j <= i} (q_i * prod_{t=j+1..i} alpha_t) . k_j  v_j``. The gate comes from the
+token through a low-rank projection, ``alpha_t = sigmoid(x_t W1 W2 + b)^(1/16)`` (the paper's rank
+16 and temperature 16, which keep gates near 1). ``project`` appends ``log alpha`` to each head's
+key (``[k | log alpha]``): RoPE, when set, rotates only the leading key channels, and the
+mechanism receives the gate with its key.
+
+* reference: the quadratic form with ``B = cumsum(log alpha)``: ``A_ij = sum_c q_ic k_jc
+  exp(B_ic - B_jc)`` for ``j <= i`` -- ``O(T^2 D)`` time and memory (tests and user masks);
+* fast path, chunkwise (``chunk_size = C``): inside a chunk ``(q e^b)(k e^-b)^T`` with ``b`` the
+  cumulative log gate from the chunk start (``e^-b`` stays bounded inside a chunk with gates
+  near 1; fla adds secondary chunking for extreme gates), across chunks the decayed state; the
+  states before every chunk come from one per-channel decayed prefix sum (no loop over chunks).
+  ``O(T C D + T D^2)``;
+* decoding: the recurrence itself, state ``S [B, H, D, D]`` (at least float32), ``O(D^2)``/token.
+
+Each head's output is RMS-normalised (the paper's per-head norm); its swish output gate is not
+included (it needs the layer input, see :mod:`retention`). Causal only; ALiBi unsupported (the
+gates already are the positional decay); ``exact = False``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .factory import register
+from .masks import MaskPattern, combine_custom_mask
+from .retention import MatrixStateAttention
+
+GATE_RANK, GATE_TEMPERATURE = 16, 16.0
+
+
+def chunked_gla(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk_size: int,
+                state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Causal GLA of ``q, k, log_alpha [B, H, T, D]``, ``v [B, H, T, Dv]`` after ``state
+    [B, H, D, Dv]``. Returns the output and the state after the last token."""
+    T = q.shape[2]
+    C = min(chunk_size, T)
+    pad = -T % C  # in front: zero keys add nothing and gate 1 (log 0) carries the state unchanged
+    qc, kc, vc, gc = (F.pad(t, (0, 0, pad, 0)).unflatten(2, (-1, C)) for t in (q, k, v, log_alpha))
+    N = qc.shape[2]
+    b = gc.cumsum(dim=3)  # [B, H, N, C, D]: log decay from the chunk start to each token
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    inner = ((qc * b.exp()) @ (kc * (-b).exp()).transpose(-2, -1)).masked_fill(~causal, 0.0) @ vc
+    last = b[:, :, :, -1:]  # [B, H, N, 1, D]
+    chunk_state = (kc * (last - b).exp()).transpose(-2, -1) @ vc  # each chunk's keys at its end
+    # before[n] = sum_{c < n} e^(L_n - L_{c+1}) * chunk_state[c] + e^(L_n) * state, per key channel,
+    # with L_n the log decay of chunks 0 .. n-1.
+    L = F.pad(last[:, :, :, 0].cumsum(dim=2), (0, 0, 1, 0))  # [B, H, N + 1, D]
+    n = torch.arange(N + 1, device=q.device)
+    earlier = (n[:N] < n[:, None])[..., None]  # [N + 1, N, 1]
+    weights = torch.where(earlier, L[:, :, :, None] - L[:, :, None, 1:], float("-inf")).exp()
+    before = torch.einsum("bhncd,bhcde->bhnde", weights, chunk_state)
+    if state is not None:
+        before = before + L.exp()[..., None] * state[:, :, None]
+    cross = (qc * b.exp()) @ before[:, :, :N]
+    return (inner + cross).flatten(2, 3)[:, :, pad:], before[:, :, N]
+
+
+@register("gla")
+class GatedLinearAttention(MatrixStateAttention):
+    """Gated linear attention: data-dependent per-key-channel forget gates, chunkwise training,
+    ``O(D^2)`` recurrent state for decoding."""
+
+    description = "Gated Linear Attention: data-dependent per-channel gates, chunkwise O(T C D + T D^2), O(D^2) state"
+    family = "gated_linear"
+    alibi_unsupported = "the data-dependent gates already are its distance decay; use position='rope' or 'none'"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.gate = nn.Sequential(nn.Linear(config.d_model, GATE_RANK, bias=False),
+                                  nn.Linear(GATE_RANK, self.n_heads * self.head_dim, bias=True))
+
+    def project(self, x, context):
+        q, k, v = super().project(x, context)
+        log_alpha = F.logsigmoid(self.gate(x)).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+        return q, torch.cat([k, log_alpha / GATE_TEMPERATURE], dim=-1), v
+
+    def prepare(self, q, k, v):
+        """``q, k / sqrt(D), v`` and ``log alpha`` (the key's appended half), at least float32."""
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        k, log_alpha = k.to(dtype).split(self.head_dim, dim=-1)
+        return q.to(dtype), k / math.sqrt(self.head_dim), v.to(dtype), log_alpha
+
+    def scan(self, q, k, v, decay, state=None):
+        return chunked_gla(q, k, v, decay, self.opt("chunk_size"), state)
+
+    def decay_state(self, state, decay):
+        return decay.exp().transpose(-2, -1) * state  # alpha scales the key rows of S
+
+    def weights_to_end(self, decay, pos, lengths):
+        """``e^(B_{len-1} - B_m)`` per channel, ``B = cumsum(log alpha)``."""
+        B = decay.cumsum(dim=2)
+        index = (lengths - 1).view(-1, 1, 1, 1).expand(-1, B.shape[1], 1, B.shape[3])
+        real = (pos < lengths[:, None])[:, None, :, None]
+        return torch.where(real, B.gather(2, index) - B, float("-inf")).exp()
+
+    def attend_reference(self, q, k, v, q_pos, kv_pos, mask):
+        """``A_ij = sum_c q_ic k_jc exp(B_ic - B_jc)`` (``j <= i``, allowed by ``mask``), ``A V``."""
+        q32, k32, v32, log_alpha = self.prepare(q, k, v)
+        B = log_alpha.cumsum(dim=2)
+        allowed = combine_custom_mask(MaskPattern(causal=True).dense(q_pos, kv_pos), mask, q32.dtype).isfinite()
+        exponent = torch.where(allowed[..., None], B[:, :, :, None] - B[:, :, None], float("-inf"))
+        scores = (q32[:, :, :, None] * k32[:, :, None] * exponent.exp()).sum(-1)
+        return self.finish(scores @ v32, v)
