@@ -131,7 +131,7 @@ class SpeedMonitor(L.Callback):
         """Model FLOPs utilisation of one device (``tokens_per_s`` per device, ``peak_flops`` per device)."""
         if not self.peak_flops:
             return None
-        seq_len = pl_module.model.config.block_size
+        seq_len = pl_module.model.config.context_len
         return tokens_per_s * pl_module.model.flops_per_token(seq_len) / self.peak_flops
 
     @property

@@ -57,7 +57,7 @@ def describe_model(config: GPTConfig) -> dict[str, Any]:
     changing it is a legitimate fine-tuning choice)."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if f.name not in ("attention", "dropout")}
-    layers = [a.attention_type + "".join(f" {k}={v}" for k, v in a.set_options().items())
+    layers = [f"{a.attention_type} position={a.position}" + "".join(f" {k}={v}" for k, v in a.option_values().items())
               for a in config.layer_attention]
     return {**fields, "attention": layers}
 

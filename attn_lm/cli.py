@@ -24,6 +24,8 @@ from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import MissingMandatoryValue
 
+from .attention.config import AttnLmDeprecationWarning
+
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -117,6 +119,8 @@ def hydra_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
         # Libraries' deprecation notices are for developers of this package, not its users.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        # ... but this package's own: an old key the user gave still works, and says its new name.
+        warnings.filterwarnings("default", category=AttnLmDeprecationWarning)
         return hydra_main()
 
     return main

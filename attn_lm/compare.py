@@ -306,12 +306,19 @@ def _cell(group: Group, metric: Metric) -> str:
 
 
 def run_structure(results: Mapping[str, Any]) -> str:
-    """The mechanism options a run used (windows, blocks, chunks...), e.g. ``window_size=32``."""
+    """The mechanism options a run used (windows, blocks, chunks...), e.g. ``window_size=32``
+    (defaults included: the mechanism's options as the run resolved them)."""
+    import warnings
+
+    from .attention import AttentionFactory
+    from .attention.config import AttnLmDeprecationWarning
     from .config import attention_config_from_dict
 
     node = (results.get("config") or {}).get("attention") or {}
     try:
-        options = attention_config_from_dict(node).set_options()
+        with warnings.catch_warnings():  # old option names of finished runs: nothing to act on here
+            warnings.simplefilter("ignore", AttnLmDeprecationWarning)
+            options = AttentionFactory.resolve(attention_config_from_dict(node)).option_values()
     except (TypeError, ValueError):  # an old or foreign config: say nothing rather than guess
         return ""
     return ", ".join(f"{k}={v}" for k, v in options.items() if k != "backend")

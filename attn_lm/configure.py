@@ -1,10 +1,10 @@
 """From a composed Hydra config to the typed objects of the package.
 
-The ``attention`` group node (``conf/attention/<name>.yaml`` plus command-line overrides) is the
-attention of every layer unless ``model.layer_attention`` lists one entry per layer. An entry is
-a mechanism name (its options are read from ``conf/attention/<name>.yaml``; when it names the
+The ``attention`` group node (``conf/attention/<name>.yaml``, generated from the registry, plus
+command-line overrides) is the attention of every layer unless ``model.layer_attention`` lists one
+entry per layer. An entry is a mechanism name (its options take their defaults; when it names the
 selected ``attention`` group option, that node, with its overrides, is used) or a mapping
-``{attention_type: name, option: value, ...}`` whose options override that file's.
+``{attention_type: name, option: value, ...}``.
 """
 from __future__ import annotations
 
@@ -15,21 +15,13 @@ from typing import Any, NamedTuple, get_args, get_type_hints
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .attention import AttentionFactory
+from .attention.config import deprecated
 from .attention.factory import canonical_name
 from .config import AttentionConfig, GPTConfig, attention_config_from_dict
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def attention_group_options(name: str) -> dict[str, Any]:
-    """The options stored in ``conf/attention/<name>.yaml`` (aliases resolved)."""
-    canonical = canonical_name(name)
-    path = CONF_DIR / "attention" / f"{canonical}.yaml"
-    if not path.is_file():
-        raise ValueError(f"no config file {path} for attention_type {canonical!r}")
-    return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
 
 
 def _as_dict(node: Any) -> dict[str, Any]:
@@ -57,26 +49,27 @@ def layer_attention_configs(cfg: DictConfig) -> list[AttentionConfig]:
         if "attention_type" not in overrides:
             raise ValueError(f"model.layer_attention entry {overrides} needs an attention_type")
         name = canonical_name(overrides["attention_type"])
-        base = default if name == default_type else attention_group_options(name)
+        base = default if name == default_type else {}
         configs.append(attention_config_from_dict({**base, **overrides}))
     return configs
 
 
-MODEL_KEYS = ("block_size", "n_layer", "d_model", "n_heads", "dropout", "bias", "mlp", "mlp_ratio", "position",
+MODEL_KEYS = ("context_len", "n_layer", "d_model", "n_heads", "dropout", "bias", "mlp", "mlp_ratio", "position",
               "rope_base", "rope_fraction", "xpos_scale_base", "tie_weights")
 
 
 def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     """Build the :class:`GPTConfig` of a run; every layer's attention is validated here, at start."""
     model = _as_dict(cfg.model)
+    if model.get("block_size") is not None:  # the pre-context_len key, one release
+        deprecated("model.block_size is now model.context_len (the old key works for one release)")
+        model["context_len"] = model["block_size"]
+    model.pop("block_size", None)
     unknown = sorted(set(model) - set(MODEL_KEYS) - {"layer_attention", "vocab_size"})
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; valid: {sorted(MODEL_KEYS + ('layer_attention',))}")
-    config = GPTConfig(vocab_size=vocab_size, attention=layer_attention_configs(cfg),
-                       **{k: model[k] for k in MODEL_KEYS if k in model})
-    for layer in config.layer_attention:
-        AttentionFactory.get_class(layer.attention_type).check_config(layer)
-    return config
+    return GPTConfig(vocab_size=vocab_size, attention=layer_attention_configs(cfg),
+                     **{k: model[k] for k in MODEL_KEYS if k in model})
 
 
 class Rule(NamedTuple):
@@ -146,9 +139,9 @@ def check_run_config(cfg: DictConfig) -> None:
     layer's attention (vocabulary size not known yet), and the context length."""
     check_types(cfg)
     model = gpt_config(cfg, vocab_size=1)
-    if int(cfg.data.block_size) > model.block_size:
-        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.block_size="
-                         f"{model.block_size}, the longest context the model supports")
+    if int(cfg.data.block_size) > model.context_len:
+        raise ValueError(f"data.block_size={cfg.data.block_size} is larger than model.context_len="
+                         f"{model.context_len}, the longest context the model supports")
     reasons = full_attention_layers(model, int(cfg.data.block_size))
     if reasons and OmegaConf.select(cfg, "compare.refuse_full_attention", default=False):
         raise ValueError(f"{'; '.join(reasons)}: a comparison row must differ from full attention "
@@ -177,16 +170,15 @@ def scale_structure(cfg: DictConfig) -> dict[str, int]:
     fraction = OmegaConf.select(cfg, "compare.structure_fraction", default=None)
     if fraction is None:
         return {}
-    name = canonical_name(cfg.attention.attention_type)
-    mechanism = AttentionFactory.get_class(name)
-    config = attention_config_from_dict(_as_dict(cfg.attention))
+    mechanism = AttentionFactory.get_class(cfg.attention.attention_type)
+    config = AttentionFactory.resolve(attention_config_from_dict(_as_dict(cfg.attention)))
     option = mechanism.covering_option(config)
     if option is None or f"attention.{option}" in command_line_keys(cfg):
         return {}
     size = max(1, int(int(cfg.data.block_size) * float(fraction)))
     sizes = {option: size}
     summary = getattr(mechanism, "summary_option", None)
-    if summary and mechanism.option_of(config, summary) > size:
+    if summary and getattr(config.options, summary) > size:
         sizes[summary] = size
     for key, value in sizes.items():
         cfg.attention[key] = value

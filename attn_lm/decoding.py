@@ -26,7 +26,7 @@ and which caches overwrite before reaching it), and every row then decodes at it
 Each row gives the tokens it would give decoded alone.
 
 The context window: the model conditions on at most the last ``max_context`` tokens (default
-``block_size``, the training length). ``max_context > block_size`` lets a model whose positions
+``context_len``, the training length). ``max_context > context_len`` lets a model whose positions
 extrapolate (see :mod:`attn_lm.positions`) read longer contexts; learned positions cannot.
 Once a row holds ``max_context`` tokens, the next token pushes the oldest one out of its window.
 Cached keys/values (or recurrent sums) of the tokens that stay were computed with the dropped
@@ -54,15 +54,15 @@ StepFn = Callable[[nn.Module, Tensor, Tensor, Sequence[LayerCache]], Tensor]
 
 
 def context_window(model: nn.Module, max_context: Optional[int] = None) -> int:
-    """How many of the latest tokens ``model`` conditions on: ``max_context``, default ``block_size``."""
-    block_size, position = model.config.block_size, model.config.position
-    window = block_size if max_context is None else max_context
+    """How many of the latest tokens ``model`` conditions on: ``max_context``, default ``context_len``."""
+    context_len, position = model.config.context_len, model.config.position
+    window = context_len if max_context is None else max_context
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"max_context must be a positive number of tokens or None (= block_size), got {max_context!r}")
-    if position == "learned" and window > block_size:
+        raise ValueError(f"max_context must be a positive number of tokens or None (= context_len), got {max_context!r}")
+    if position == "learned" and window > context_len:
         raise ValueError(
-            f"max_context={window} is longer than block_size={block_size}, and learned positions are not "
-            f"defined past it; use max_context <= {block_size} or a model trained with position=alibi/rope/xpos/none"
+            f"max_context={window} is longer than context_len={context_len}, and learned positions are not "
+            f"defined past it; use max_context <= {context_len} or a model trained with position=alibi/rope/xpos/none"
         )
     return window
 
@@ -105,7 +105,7 @@ class Decoder:
     ``max_len``: how many tokens (left-padded prompt width + generated) a row will hold at most;
     caches are allocated once for ``min(max_len, max_context)`` positions and reused by every
     prefill of this decoder. ``max_context``: tokens the model conditions on (default
-    ``block_size``). ``compile``: run the step through :func:`compile_step`.
+    ``context_len``). ``compile``: run the step through :func:`compile_step`.
     """
 
     def __init__(self, model: nn.Module, max_len: int, use_cache: bool = True, max_context: Optional[int] = None,

@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 def check_context(block_size: int, model: GPTConfig) -> None:
     """Learned positions exist only up to the trained ``block_size``."""
-    if model.position == "learned" and block_size > model.block_size:
-        raise ValueError(f"block_size={block_size} is longer than the checkpoint's model.block_size={model.block_size} "
-                         f"(learned positions stop there); use block_size<={model.block_size}")
+    if model.position == "learned" and block_size > model.context_len:
+        raise ValueError(f"block_size={block_size} is longer than the checkpoint's model.context_len={model.context_len} "
+                         f"(learned positions stop there); use block_size<={model.context_len}")
 
 
 def evaluation_data(cfg: DictConfig, loaded: Loaded) -> Any:

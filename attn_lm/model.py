@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .attention import AttentionFactory
 from .cache import LayerCache
-from .config import AttentionConfig, GPTConfig
+from .config import AttentionConfig, AttentionDims, GPTConfig
 from .positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from .decoding import Decoder
 
@@ -51,19 +51,18 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``.
 
-    The attention module comes from :class:`AttentionFactory` for ``attention.attention_type``.
+    The attention module comes from :class:`AttentionFactory` for ``attention.attention_type``,
+    built for the model dimensions ``dims`` (width, heads, dropout and bias of the whole block).
     """
 
-    def __init__(self, attention: AttentionConfig, mlp: str = "gelu", mlp_ratio: float = 4.0,
-                 bias: Optional[bool] = None, dropout: Optional[float] = None):
+    def __init__(self, attention: AttentionConfig, dims: Optional[AttentionDims] = None, mlp: str = "gelu",
+                 mlp_ratio: float = 4.0):
         super().__init__()
-        d = attention.d_model
-        bias = attention.bias if bias is None else bias
-        dropout = attention.dropout if dropout is None else dropout
-        self.ln_1 = nn.LayerNorm(d, bias=bias)
-        self.attn = AttentionFactory.create_attention(attention)
-        self.ln_2 = nn.LayerNorm(d, bias=bias)
-        self.mlp = MLP(d, mlp, mlp_ratio, bias, dropout)
+        dims = dims or attention.legacy_dims or AttentionDims()
+        self.ln_1 = nn.LayerNorm(dims.d_model, bias=dims.bias)
+        self.attn = AttentionFactory.create_attention(attention, dims)
+        self.ln_2 = nn.LayerNorm(dims.d_model, bias=dims.bias)
+        self.mlp = MLP(dims.d_model, mlp, mlp_ratio, dims.bias, dims.dropout)
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 cache: Optional[LayerCache] = None, input_pos: Optional[Tensor] = None,
@@ -89,12 +88,12 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe: Optional[nn.Module] = None
         if config.position == "learned":
-            self.wpe = LearnedPositionalEmbedding(config.block_size, config.d_model)
+            self.wpe = LearnedPositionalEmbedding(config.context_len, config.d_model)
         elif config.position == "sinusoidal":
             self.wpe = SinusoidalPositionalEmbedding(config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            TransformerBlock(cfg, config.mlp, config.mlp_ratio, config.bias, config.dropout)
+            TransformerBlock(cfg, config.attention_dims, config.mlp, config.mlp_ratio)
             for cfg in config.layer_attention
         )
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
@@ -192,7 +191,7 @@ class GPT(nn.Module):
         lengths, left-padded in ``idx`` (row ``b``'s prompt is its last ``prompt_lengths[b]``
         tokens); each row continues as if decoded alone. ``compile``: the decoding step as one
         compiled graph (CUDA graphs on GPU). The model conditions on the last ``max_context``
-        tokens (default ``block_size``); past that, each step re-runs the cropped window (see
+        tokens (default ``context_len``); past that, each step re-runs the cropped window (see
         :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the previous mode is
         restored afterwards. Tokens stay on the device until the end (no host sync per token).
         """

@@ -27,26 +27,48 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import KVCache, LayerCache
-from ..config import AttentionConfig
 from ..positions import ALiBi, Rotary
+from .config import AttentionConfig, AttentionDims, NoOptions
 from .functional import reference_attention, softmax_attention
 from .masks import MaskPattern, combine_custom_mask, validate_custom_mask
 
 
+#: Live copies of a materialised score-like tensor at the peak of a step: the tensor, its
+#: normalised / multiplied temporaries and, with backward, its gradient (matches CPU measurements).
+MATERIALISED_COPIES = 3
+
+
 class Attention(nn.Module):
-    """Base class of every mechanism. Subclasses set the class attributes below."""
+    """Base class of every mechanism. A *family* (a direct subclass: softmax, kernelized,
+    low-rank, recurrent state...) sets the capability attributes and the cost model below; a
+    mechanism adds its ``Options`` and its pattern or feature map."""
 
     name: ClassVar[str] = "?"
+    #: The family this mechanism belongs to: the one taxonomy the selector, profiler and
+    #: benchmarks report (set once on each family's base class).
     family: ClassVar[str] = "?"
     description: ClassVar[str] = ""
-    #: Options this mechanism accepts, with their defaults (see ``AttentionConfig``).
-    options: ClassVar[dict[str, Any]] = {}
+    #: The mechanism's options, a frozen dataclass of typed fields with their defaults
+    #: (:func:`~attn_lm.attention.config.option`): the only place those defaults live.
+    Options: ClassVar[type] = NoOptions
+    #: Old option names still accepted for one release, with a deprecation warning: ``{old: new}``.
+    renamed_options: ClassVar[dict[str, str]] = {}
+
+    # ----------------------------------------------------------------- capabilities (per family)
     #: Equals dense softmax attention under its mask pattern (tested against the reference).
     exact: ClassVar[bool] = True
     #: Why ALiBi is impossible here (``None`` = supported).
     alibi_unsupported: ClassVar[Optional[str]] = None
     #: Why a non-causal form is impossible here (``None`` = supported).
     noncausal_unsupported: ClassVar[Optional[str]] = None
+    #: Why a user mask cannot be applied in a full forward (``None`` = it is honoured).
+    mask_unsupported: ClassVar[Optional[str]] = None
+    #: What the decoding cache holds: ``"kv"`` (every key/value), ``"window"`` (a bounded ring),
+    #: ``"state"`` (a fixed-size recurrent state), ``"summaries"``, ``"latent"``...
+    cache_kind: ClassVar[str] = "kv"
+    #: Time and memory of a full forward grow with ``T^2`` (``False``: sub-quadratic on the
+    #: family's fast path). The selector's long-context rule reads it.
+    quadratic: ClassVar[bool] = True
     #: Queries from ``x``, keys/values from ``context`` (cross-attention).
     uses_context: ClassVar[bool] = False
     #: Why ``torch.compile`` cannot trace this mechanism into the model's graph (``None`` = it
@@ -54,16 +76,17 @@ class Attention(nn.Module):
     #: every mechanism to this). A model with such a layer compiles with graph breaks around it.
     compile_unsupported: ClassVar[Optional[str]] = None
 
-    def __init__(self, config: AttentionConfig):
+    def __init__(self, config: AttentionConfig, dims: AttentionDims):
         super().__init__()
-        self.config = config
-        self.n_heads = config.n_heads
-        self.n_kv_heads = self.kv_heads(config)
-        self.head_dim = config.head_dim
+        self.config, self.dims = config, dims
+        self.options = config.options
+        self.n_heads = dims.n_heads
+        self.n_kv_heads = self.kv_heads(config, dims)
+        self.head_dim = dims.head_dim
         width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(config.d_model, width, bias=config.bias)
-        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.qkv = nn.Linear(dims.d_model, width, bias=dims.bias)
+        self.out = nn.Linear(self.n_heads * self.head_dim, dims.d_model, bias=dims.bias)
+        self.resid_dropout = nn.Dropout(dims.dropout)
         self.rotary: Optional[Rotary] = None
         if config.position in ("rope", "xpos"):
             self.rotary = Rotary(
@@ -77,18 +100,9 @@ class Attention(nn.Module):
 
     # ----------------------------------------------------------------- config validation
     @classmethod
-    def check_config(cls, config: AttentionConfig) -> None:
-        """Reject options that do not apply and combinations the mechanism cannot compute."""
-        from .factory import AttentionFactory  # registry lookup for a helpful message
-
-        for option, value in config.set_options().items():
-            if option not in cls.options:
-                users = [n for n in AttentionFactory.names() if option in AttentionFactory.get_class(n).options]
-                raise ValueError(
-                    f"option {option}={value!r} does not apply to attention_type {cls.name!r} "
-                    f"(it accepts {sorted(cls.options) or 'no mechanism options'}); "
-                    f"{option} is used by: {', '.join(users) or 'no mechanism'}"
-                )
+    def check_config(cls, config: AttentionConfig, dims: Optional[AttentionDims] = None) -> None:
+        """Reject settings the mechanism cannot compute (``config.options`` is typed already;
+        ``dims``: also combinations with the model's dimensions)."""
         if config.position == "alibi" and cls.alibi_unsupported:
             raise ValueError(f"position='alibi' is not supported by attention_type {cls.name!r}: {cls.alibi_unsupported}")
         if not config.causal and cls.noncausal_unsupported:
@@ -98,25 +112,12 @@ class Attention(nn.Module):
                 "position='xpos' needs causal=True: its exponential decay is only a decay for keys that precede "
                 "the query; use position='rope' for non-causal attention"
             )
-        cls.validate_options(config)
+        cls.validate_options(config, dims)
 
     @classmethod
-    def validate_options(cls, config: AttentionConfig) -> None:
-        """Mechanism-specific value checks (sizes > 0, divisibility...). Default: positive ints."""
-        for option in cls.options:
-            value = getattr(config, option)
-            if isinstance(value, int) and not isinstance(value, bool) and value <= 0 and option != "seed":
-                raise ValueError(f"{option} must be a positive integer for attention_type {cls.name!r}, got {value}")
-
-    def opt(self, name: str) -> Any:
-        """The value of a declared option: the config's, else the mechanism's default."""
-        return self.option_of(self.config, name)
-
-    @classmethod
-    def option_of(cls, config: AttentionConfig, name: str) -> Any:
-        """``opt`` for a config, before any module is built."""
-        value = getattr(config, name)
-        return cls.options[name] if value is None else value
+    def validate_options(cls, config: AttentionConfig, dims: Optional[AttentionDims]) -> None:
+        """Mechanism-specific checks beyond each option's type and range (which the factory
+        checks from the declaration): combinations of options, and with ``dims`` when given."""
 
     @classmethod
     def covering_option(cls, config: AttentionConfig) -> Optional[str]:
@@ -129,13 +130,28 @@ class Attention(nn.Module):
         """Why this layer is plain full attention on sequences of ``context_len`` tokens (its
         pattern or chunk covers them all), or ``None``. Training warns; comparisons should refuse."""
         option = cls.covering_option(config)
-        if option is None or cls.option_of(config, option) < context_len:
+        if option is None or getattr(config.options, option) < context_len:
             return None
-        return f"{cls.name}: {option} {cls.option_of(config, option)} ≥ context {context_len} — this is full attention"
+        return f"{cls.name}: {option} {getattr(config.options, option)} ≥ context {context_len} — this is full attention"
 
-    def kv_heads(self, config: AttentionConfig) -> int:
+    # ----------------------------------------------------------------- cost model (per family)
+    def core_bytes(self, batch: int, seq_len: int, elem: int, backward: bool, fused: bool) -> float:
+        """Peak extra bytes of the attention core (what ``attend`` allocates beyond ``q, k, v``
+        and the output) for one causal forward (``backward``: and its backward) of ``batch``
+        sequences of ``seq_len`` tokens in ``elem``-byte elements; ``fused``: on the fused GPU
+        path (FlexAttention / fused SDPA) rather than the CPU one. Default, for a family that
+        materialises its ``T x T`` scores: the scores and two temporaries of their size (the
+        normalised / multiplied copies, or with backward their gradient)."""
+        return MATERIALISED_COPIES * batch * self.n_heads * seq_len**2 * elem
+
+    def core_flops(self, batch: int, seq_len: int, backward: bool) -> Optional[float]:
+        """Useful FLOPs of one causal ``attend`` on ``batch x seq_len`` tokens (``None``: no
+        formula for this family)."""
+        return None
+
+    def kv_heads(self, config: AttentionConfig, dims: AttentionDims) -> int:
         """Number of key/value heads (``n_heads`` unless the mechanism shares them)."""
-        return config.n_heads
+        return dims.n_heads
 
     # ----------------------------------------------------------------- forward
     def project(self, x: Tensor, context: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,8 +187,8 @@ class Attention(nn.Module):
           positions, reading and updating the cache. Positions are never read back to the host,
           so a step has fixed shapes (capturable as one graph).
         """
-        if x.dim() != 3 or x.shape[-1] != self.config.d_model:
-            raise ValueError(f"expected x of shape [B, T, {self.config.d_model}], got {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[-1] != self.dims.d_model:
+            raise ValueError(f"expected x of shape [B, T, {self.dims.d_model}], got {tuple(x.shape)}")
         if self.uses_context and context is None:
             raise ValueError(f"attention_type {self.name!r} needs a context tensor [B, S, d_model] for its keys/values")
         if context is not None and not self.uses_context:
@@ -220,7 +236,7 @@ class Attention(nn.Module):
 
     @property
     def attn_dropout(self) -> float:
-        return self.config.dropout if self.training else 0.0
+        return self.dims.dropout if self.training else 0.0
 
     # ----------------------------------------------------------------- per-family hooks
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, kv_pos: Tensor,
@@ -269,11 +285,30 @@ class SoftmaxAttention(Attention):
 
     family: ClassVar[str] = "softmax"
 
-    def __init__(self, config: AttentionConfig):
-        super().__init__(config)
+    def __init__(self, config: AttentionConfig, dims: AttentionDims):
+        super().__init__(config, dims)
         self.pattern = self.build_pattern()
         #: SDPA backends this layer pins (``None``: the library's fastest-first order on GPU).
         self.sdpa_backends: Optional[tuple] = None
+
+    @property
+    def quadratic(self) -> bool:  # the fused path skips the tiles a sparse pattern leaves empty
+        return self.pattern.is_full
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Fused kernels (SDPA; FlexAttention with the pattern's ``BlockMask`` on GPU) keep only
+        per-row softmax statistics, ``O(T)``. A sparse pattern on CPU runs SDPA with its dense
+        additive bias: the bias, its masked copy and the boolean mask, ``T x T`` each, shared
+        by batch and heads."""
+        if fused or self.pattern.is_full:
+            return float(batch * self.n_heads * seq_len * elem)
+        return 3.0 * seq_len**2 * elem + seq_len**2
+
+    def core_flops(self, batch, seq_len, backward):
+        """``4 B H T^2 D x density`` (``Q K^T`` and ``P V`` over the scores the pattern allows);
+        the backward adds 2.5x (FlashAttention's convention: it recomputes ``Q K^T``)."""
+        fwd = 4 * batch * self.n_heads * seq_len**2 * self.head_dim * self.pattern.density(seq_len)
+        return fwd * (3.5 if backward else 1.0)
 
     def build_pattern(self) -> MaskPattern:
         return MaskPattern(causal=self.config.causal)

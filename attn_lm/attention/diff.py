@@ -30,12 +30,14 @@ map written out. Decoding: the full K/V cache. ``exact = False``: no single soft
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import SoftmaxAttention, cached_attention
+from .config import option
 from .factory import register
 from .functional import head_rms_norm, softmax_attention
 
@@ -60,30 +62,46 @@ class DiffAttention(SoftmaxAttention):
     description = "Differential Transformer: difference of two softmax maps (learned lambda) + per-head RMSNorm"
     family = "diff"
     exact = False
-    options = {"lambda_init": 0.8}
+    #: Head-sized tensors the fast path holds besides the maps' own cost: the four half-width
+    #: query/key copies, both maps' outputs and their combination (measured on CPU).
+    head_copies = 5
+
+    @dataclass(frozen=True)
+    class Options:
+        #: The paper's schedule is 0.8 - 0.6 exp(-0.3 (l - 1)) for layer l; the output is scaled by 1 - lambda_init.
+        lambda_init: float = option(0.8, 0.8, 0.1, 0.5, 0.9)
     alibi_unsupported = "each of the two maps would need its own bias, which is not implemented; use position='rope'"
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
-        value = cls.option_of(config, "lambda_init")
+    def validate_options(cls, config, dims):
+        value = config.options.lambda_init
         if not 0.0 < value < 1.0:
             raise ValueError(f"diff lambda_init must be in (0, 1) (the paper's schedule spans [0.2, 0.8); the output "
                              f"is scaled by 1 - lambda_init), got {value}")
-        if config.head_dim % 4:
+        if dims is not None and dims.head_dim % 4:
             raise ValueError(f"diff splits each head into two halves along RoPE's rotation pairs, so head_dim must be "
-                             f"divisible by 4, got {config.head_dim} (d_model={config.d_model}, n_heads={config.n_heads})")
+                             f"divisible by 4, got {dims.head_dim} (d_model={dims.d_model}, n_heads={dims.n_heads})")
         if config.position in ("rope", "xpos") and config.rope_fraction != 1.0:
             raise ValueError("diff needs rope_fraction=1 with rotary positions: its two halves are taken along the "
                              f"rotation pairs of the whole head, got rope_fraction={config.rope_fraction}")
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
         half = self.head_dim // 2
-        self.lambda_init = float(self.opt("lambda_init"))
+        self.lambda_init = float(self.options.lambda_init)
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
             nn.Parameter(torch.randn(half) * 0.1) for _ in range(4))
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Two softmax maps under the pattern (each as :class:`SoftmaxAttention`) and
+        :attr:`head_copies` head-sized tensors."""
+        maps = 2 * super().core_bytes(batch, seq_len, elem, backward, fused)
+        return maps + self.head_copies * batch * self.n_heads * seq_len * self.head_dim * elem
+
+    def core_flops(self, batch, seq_len, backward):
+        """Two maps of ``D/2``-wide scores, each times ``D``-wide values: 1.5x softmax attention."""
+        return 1.5 * super().core_flops(batch, seq_len, backward)
 
     def lam(self) -> Tensor:
         """``lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init`` (a 0-dim tensor)."""

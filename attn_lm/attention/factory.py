@@ -1,15 +1,19 @@
 """The attention registry and :class:`AttentionFactory`.
 
 A mechanism registers itself with ``@register("name", aliases=(...))`` on its class; the class
-declares the options it accepts (``options = {"window_size": 256}``: name -> default). The factory
-validates a config against that declaration before building the module, so an option that does
-not apply to the chosen mechanism is an error, never silently ignored.
+declares its options as a typed ``Options`` dataclass (``window_size: int = option(256, 5, 12)``).
+:meth:`AttentionFactory.resolve` turns a config's options into that dataclass, so an option that
+does not apply to the chosen mechanism is an error, never silently ignored; everything else that
+knows the mechanisms (the Hydra group, the comparison sweep, the selector, the benchmarks, the
+tests) reads this registry.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+import dataclasses
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..config import AttentionConfig
+from .config import AttentionConfig, AttentionDims, deprecated
 
 if TYPE_CHECKING:
     from .base import Attention
@@ -25,6 +29,8 @@ def register(name: str, aliases: tuple[str, ...] = ()) -> Callable[[type["Attent
         for key in (name, *aliases):
             if key in _REGISTRY or key in _ALIASES:
                 raise ValueError(f"attention type {key!r} is registered twice")
+        if not (dataclasses.is_dataclass(cls.Options) and cls.Options.__dataclass_params__.frozen):
+            raise TypeError(f"{cls.__name__}.Options must be a frozen dataclass (the mechanism's typed options)")
         cls.name = name
         _REGISTRY[name] = cls
         for alias in aliases:
@@ -43,6 +49,59 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def option_names(cls: type["Attention"]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls.Options))
+
+
+def all_option_names() -> list[str]:
+    """Every option of every registered mechanism, and the old names still accepted, sorted."""
+    names = {o for cls in _REGISTRY.values() for o in (*option_names(cls), *cls.renamed_options)}
+    return sorted(names)
+
+
+def _typed_options(cls: type["Attention"], given: Any) -> Any:
+    """``given`` (a mapping, or the mechanism's own Options) as ``cls.Options``, values checked."""
+    if isinstance(given, cls.Options):
+        values = dataclasses.asdict(given)
+    elif isinstance(given, Mapping):
+        values = dict(given)
+    else:
+        raise ValueError(f"options of attention_type {cls.name!r} must be a mapping or {cls.__name__}.Options, "
+                         f"got {type(given).__name__}")
+    for old, new in cls.renamed_options.items():
+        if old in values:
+            deprecated(f"attention option {old!r} of {cls.name!r} is now {new!r} (the old name works for one release)")
+            values.setdefault(new, values.pop(old))
+    declared = option_names(cls)
+    for key, value in values.items():
+        if key not in declared:
+            users = [n for n, c in _REGISTRY.items() if key in option_names(c)]
+            raise ValueError(f"option {key}={value!r} does not apply to attention_type {cls.name!r} (it accepts "
+                             f"{sorted(declared) or 'no mechanism options'}); {key} is used by: "
+                             f"{', '.join(users) or 'no mechanism'}")
+    options = cls.Options(**values)
+    for f in dataclasses.fields(options):
+        _check_value(cls.name, f, getattr(options, f.name))
+    return options
+
+
+def _check_value(mechanism: str, f: dataclasses.Field, value: Any) -> None:
+    """Type and range of one option value, from its declaration."""
+    kind = type(f.default) if f.default is not None else None
+    if value is None:
+        if f.default is None:
+            return
+        raise ValueError(f"{f.name} of attention_type {mechanism!r} must be set ({kind.__name__}), got None")
+    if kind is None or kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return  # an optional value (e.g. a seed whose default is None) or an int for a float
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{f.name}={value!r} must be {kind.__name__} for attention_type {mechanism!r}")
+    minimum = f.metadata.get("minimum", 1)
+    if kind is int and minimum is not None and value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{f.name} must be {what} for attention_type {mechanism!r}, got {value}")
+
+
 class AttentionFactory:
     """Builds attention modules from :class:`AttentionConfig` objects."""
 
@@ -51,11 +110,25 @@ class AttentionFactory:
         return _REGISTRY[canonical_name(attention_type)]
 
     @staticmethod
-    def create_attention(config: AttentionConfig) -> "Attention":
-        """Validate ``config`` against its mechanism and build the module."""
+    def resolve(config: AttentionConfig, dims: Optional[AttentionDims] = None) -> AttentionConfig:
+        """``config`` with its canonical mechanism name and typed, checked options; raises a
+        ``ValueError`` naming the problem for options or settings the mechanism cannot take
+        (``dims``: also check the combination with the model's dimensions)."""
         cls = AttentionFactory.get_class(config.attention_type)
-        cls.check_config(config)
-        return cls(config)
+        resolved = dataclasses.replace(config, attention_type=cls.name, options=_typed_options(cls, config.options))
+        cls.check_config(resolved, dims)
+        return resolved
+
+    @staticmethod
+    def create_attention(config: AttentionConfig, dims: Optional[AttentionDims] = None) -> "Attention":
+        """Validate ``config`` against its mechanism and build the module for ``dims`` (default:
+        the dimensions a pre-redesign config carried, else :class:`AttentionDims`'s defaults).
+        Positions the config leaves unset are none (a model passes its own with
+        :meth:`AttentionConfig.inherit` first)."""
+        if dims is None:
+            dims = config.legacy_dims or AttentionDims()
+        config = AttentionFactory.resolve(config.inherit(), dims)
+        return AttentionFactory.get_class(config.attention_type)(config, dims)
 
     @staticmethod
     def available() -> dict[str, str]:
@@ -68,3 +141,8 @@ class AttentionFactory:
     def names() -> list[str]:
         """Canonical registered names (no aliases), in registration order."""
         return list(_REGISTRY)
+
+    @staticmethod
+    def aliases() -> dict[str, str]:
+        """``{alias: canonical name}``."""
+        return dict(_ALIASES)

@@ -76,13 +76,15 @@ be compared with the reference number for number (only with ``eval()`` / ``dropo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..positions import ALiBi
-from .base import SoftmaxAttention
+from .base import MATERIALISED_COPIES, SoftmaxAttention
+from .config import option
 from .factory import register
 from .functional import repeat_kv
 from .masks import MaskPattern
@@ -270,20 +272,26 @@ class FlashV2Function(torch.autograd.Function):
 
 
 class _BlockwiseAttention(SoftmaxAttention):
-    """Shared plumbing: tiles of ``block_size`` queries and keys, GQA heads expanded, stats."""
+    """Shared plumbing: tiles of ``tile`` queries and keys, GQA heads expanded, stats."""
 
-    options = {"block_size": 64}
+    family = "flash_blockwise"
+    renamed_options = {"block_size": "tile"}
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Queries and keys per tile (the on-chip block of the real kernels).
+        tile: int = option(64, 4, *range(1, 10))
     compile_unsupported = ("teaching code: empty tiles are skipped by data-dependent Python branches and counted in "
                            "Python state, which torch.compile cannot trace; these layers run eagerly inside a compiled "
                            "model (use 'flash' for the fused kernel)")
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
         self.tile_stats: Optional[TileStats] = None
 
     @torch.compiler.disable
     def attend(self, q, k, v, q_pos, kv_pos, mask):
-        grid = TileGrid(self.pattern, self.alibi, q_pos, kv_pos, mask, self.opt("block_size"), self.attn_dropout)
+        grid = TileGrid(self.pattern, self.alibi, q_pos, kv_pos, mask, self.options.tile, self.attn_dropout)
         n_heads = q.shape[1]
         out = self.tiled(q, repeat_kv(k, n_heads), repeat_kv(v, n_heads), grid)
         self.tile_stats = TileStats(grid.computed, grid.total)
@@ -303,6 +311,14 @@ class FlashV1Attention(_BlockwiseAttention):
 
     def tiled(self, q, k, v, grid):
         return flash_v1_forward(q, k, v, grid)
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """With backward, autograd keeps every computed tile's probabilities: ``O(T k)`` for
+        ``k`` keys per query (with temporaries); forward only, ``O(T)`` like the fused kernels."""
+        if not backward:
+            return super().core_bytes(batch, seq_len, elem, backward, fused)
+        keys = seq_len * self.pattern.density(seq_len)
+        return MATERIALISED_COPIES * batch * self.n_heads * seq_len * keys * elem
 
 
 @register("flash_v2")

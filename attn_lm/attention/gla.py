@@ -73,12 +73,11 @@ class GatedLinearAttention(MatrixStateAttention):
     ``O(D^2)`` recurrent state for decoding."""
 
     description = "Gated Linear Attention: data-dependent per-channel gates, chunkwise O(T C D + T D^2), O(D^2) state"
-    family = "gated_linear"
     alibi_unsupported = "the data-dependent gates already are its distance decay; use position='rope' or 'none'"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.gate = nn.Sequential(nn.Linear(config.d_model, GATE_RANK, bias=False),
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.gate = nn.Sequential(nn.Linear(dims.d_model, GATE_RANK, bias=False),
                                   nn.Linear(GATE_RANK, self.n_heads * self.head_dim, bias=True))
 
     def project(self, x, context):
@@ -93,7 +92,7 @@ class GatedLinearAttention(MatrixStateAttention):
         return q.to(dtype), k / math.sqrt(self.head_dim), v.to(dtype), log_alpha
 
     def scan(self, q, k, v, decay, state=None):
-        return chunked_gla(q, k, v, decay, self.opt("chunk_size"), state)
+        return chunked_gla(q, k, v, decay, self.options.chunk_size, state)
 
     def decay_state(self, state, decay):
         return decay.exp().transpose(-2, -1) * state  # alpha scales the key rows of S

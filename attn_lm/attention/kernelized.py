@@ -26,8 +26,8 @@ Shared by all three (:class:`KernelizedAttention`):
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cache import RecurrentStateCache
-from .base import Attention
+from .base import MATERIALISED_COPIES, Attention
+from .config import option
 from .factory import register
 from .linear_scan import causal_linear_attention, noncausal_linear_attention, quadratic_linear_attention
 from .masks import MaskPattern, combine_custom_mask
@@ -48,15 +49,41 @@ class KernelizedAttention(Attention):
 
     family: ClassVar[str] = "kernel"
     exact: ClassVar[bool] = False
+    quadratic: ClassVar[bool] = False
+    cache_kind: ClassVar[str] = "state"
     alibi_unsupported: ClassVar[Optional[str]] = (
         "kernelized attention never forms the T x S score matrix that ALiBi biases; use position='rope' or "
         "'xpos' (or a softmax/sparse mechanism) instead"
     )
-    options: ClassVar[dict] = {"chunk_size": 128}
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Causal form: quadratic inside chunks of this many tokens, a running state across them.
+        chunk_size: int = option(128, 4, *range(4, 10))
 
     @property
     def feature_dim(self) -> int:
         return self.head_dim
+
+    def chunk(self, seq_len: int) -> int:
+        return min(self.options.chunk_size, seq_len)
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Chunk scores ``T C``, query/key features ``2 T F`` and chunk states ``(T / C) F D``
+        per head, in at least float32, with temporaries."""
+        T, C, F_, D = seq_len, self.chunk(seq_len), self.feature_dim, self.head_dim
+        return MATERIALISED_COPIES * batch * self.n_heads * (T * C + 2 * T * F_ + T / C * F_ * D) * max(elem, 4)
+
+    def core_flops(self, batch, seq_len, backward):
+        """Per head ``2 T C (F + D)`` (intra-chunk scores and values) + ``4 T F D`` (chunk states
+        and their read-out) + the feature map's own; backward 2x more (no recomputation)."""
+        T, C, F_, D = seq_len, self.chunk(seq_len), self.feature_dim, self.head_dim
+        per_head = 2 * T * C * (F_ + D) + 4 * T * F_ * D + self.feature_map_flops(seq_len)
+        return batch * self.n_heads * per_head * (3.0 if backward else 1.0)
+
+    def feature_map_flops(self, seq_len: int) -> float:
+        """FLOPs of the feature map per head (default: elementwise, not counted)."""
+        return 0.0
 
     def feature_map(self, x: Tensor, pos: Tensor, is_query: bool) -> Tensor:
         """Non-negative features ``[B, H, T, feature_dim]`` of ``x [B, H, T, head_dim]`` at
@@ -74,7 +101,7 @@ class KernelizedAttention(Attention):
             return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
         qf, kf, vf = self.features(q, k, v, q_pos, kv_pos)
         if self.config.causal:
-            out, _ = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"))
+            out, _ = causal_linear_attention(qf, kf, vf, self.options.chunk_size)
         else:
             out, _ = noncausal_linear_attention(qf, kf, vf)
         return out.to(v.dtype)
@@ -103,7 +130,7 @@ class KernelizedAttention(Attention):
         qf, kf, vf = self.features(q, k, v, pos, pos)
         kf = kf * (pos < lengths[:, None])[:, None, :, None]
         if self.config.causal:
-            out, state = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"))
+            out, state = causal_linear_attention(qf, kf, vf, self.options.chunk_size)
         else:
             out, state = noncausal_linear_attention(qf, kf, vf)
         cache.update(state)
@@ -115,7 +142,7 @@ class KernelizedAttention(Attention):
         self.reject_mask(mask)
         qf, kf, vf = self.features(q, k, v, pos, pos)
         if self.config.causal and q.shape[2] > 1:
-            out, state = causal_linear_attention(qf, kf, vf, self.opt("chunk_size"), cache.state())
+            out, state = causal_linear_attention(qf, kf, vf, self.options.chunk_size, cache.state())
         else:
             out, state = noncausal_linear_attention(qf, kf, vf, cache.state())
         cache.update(state)
@@ -159,34 +186,40 @@ class PerformerAttention(KernelizedAttention):
 
     Options: ``num_features`` (``m``, default 256); ``redraw_interval`` (``0`` = fixed features,
     ``N > 0`` = redraw before every ``N``-th training forward without a cache, since a decoding
-    state is tied to the features it was built with); ``seed`` (``None`` = draw from torch's
+    state is tied to the features it was built with); ``feature_seed`` (``None`` = draw from torch's
     global generator, so ``torch.manual_seed`` reproduces it and layers differ; an int = a private
     generator). The matrix is the buffer ``projection`` (saved in checkpoints).
     """
 
     description = "Performer FAVOR+ positive orthogonal random features ~ softmax, O(T m D)"
-    options = {**KernelizedAttention.options, "num_features": 256, "redraw_interval": 0, "seed": None}
+    renamed_options = {"seed": "feature_seed"}
 
-    @classmethod
-    def validate_options(cls, config):
-        if config.redraw_interval == 0:  # 0 = never redraw, the default; the base check wants > 0
-            config = dataclasses.replace(config, redraw_interval=None)
-        super().validate_options(config)
+    @dataclass(frozen=True)
+    class Options(KernelizedAttention.Options):
+        #: Random features m; the error against softmax falls like 1/sqrt(m).
+        num_features: int = option(256, 64, 4, 16, 48)
+        #: 0 = fixed features; N > 0 = redraw before every N-th training forward.
+        redraw_interval: int = option(0, 0, minimum=0)
+        #: None = torch's global generator (torch.manual_seed reproduces it); an int = a private one.
+        feature_seed: Optional[int] = option(None, None, 0, 7)
 
-    def __init__(self, config):
-        super().__init__(config)
-        seed = self.opt("seed")
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        seed = self.options.feature_seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self.register_buffer("projection", self.draw_features())
         self.training_calls = 0
 
     @property
     def feature_dim(self) -> int:
-        return self.opt("num_features")
+        return self.options.num_features
+
+    def feature_map_flops(self, seq_len):
+        return 4 * seq_len * self.head_dim * self.feature_dim  # the random projection of q and k
 
     def draw_features(self) -> Tensor:
         """``[m, d]`` orthogonal Gaussian rows (blocks of ``d``) with ``chi(d)`` norms."""
-        m, d = self.opt("num_features"), self.head_dim
+        m, d = self.options.num_features, self.head_dim
         blocks = []
         for _ in range(math.ceil(m / d)):
             gaussian = torch.randn(d, d, generator=self.generator, dtype=torch.float64)
@@ -201,7 +234,7 @@ class PerformerAttention(KernelizedAttention):
         self.projection.copy_(self.draw_features())
 
     def forward(self, x, context=None, mask=None, cache=None, input_pos=None, lengths=None):
-        interval = self.opt("redraw_interval")
+        interval = self.options.redraw_interval
         if self.training and interval and cache is None:
             if self.training_calls and self.training_calls % interval == 0:
                 self.redraw_features()
@@ -239,7 +272,7 @@ class CosFormerAttention(KernelizedAttention):
         return 2 * self.head_dim
 
     def check_length(self, end: int) -> None:
-        M = self.config.max_seq_len
+        M = self.dims.max_seq_len
         if end > M:
             raise ValueError(
                 f"cosformer re-weights by cos(pi/2 * (i - j) / M) with M = max_seq_len = {M}; position {end - 1} is "
@@ -247,6 +280,6 @@ class CosFormerAttention(KernelizedAttention):
             )
 
     def feature_map(self, x, pos, is_query):
-        angle = (math.pi / (2 * self.config.max_seq_len)) * pos.to(x.dtype)[..., None]
+        angle = (math.pi / (2 * self.dims.max_seq_len)) * pos.to(x.dtype)[..., None]
         x = F.relu(x)
         return torch.cat((x * angle.cos(), x * angle.sin()), dim=-1)

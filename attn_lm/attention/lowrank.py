@@ -28,6 +28,7 @@ several positions). User masks are rejected: a ``[T, S]`` mask has no entry for 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import ChunkSummaryCache
-from .base import Attention, cached_attention, score_dtype
+from .base import MATERIALISED_COPIES, Attention, cached_attention, score_dtype
+from .config import option
 from .factory import register
 from .functional import reference_attention
 
@@ -55,6 +57,10 @@ class ChunkedLowRankAttention(Attention):
 
     family = "low_rank"
     exact = False
+    quadratic = False
+    cache_kind = "summaries"
+    mask_unsupported = ("its queries attend to compressed keys that each summarise several tokens, so a [T, S] mask "
+                        "cannot be applied to them; use an exact mechanism (e.g. 'full') for custom masks")
     alibi_unsupported = (
         "a compressed key summarises several positions, so a per-distance bias has no single distance "
         "to use; use position='rope' (rotates q, k before compression) or an exact mechanism for ALiBi"
@@ -70,20 +76,33 @@ class ChunkedLowRankAttention(Attention):
         return "chunk_size" if config.causal else cls.noncausal_exact_option
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
-        p = getattr(config, cls.summary_option) or cls.options[cls.summary_option]
-        chunk = config.chunk_size or cls.options["chunk_size"]
+    def validate_options(cls, config, dims):
+        p, chunk = getattr(config.options, cls.summary_option), config.options.chunk_size
         if config.causal and p > chunk:
             raise ValueError(
                 f"{cls.summary_option}={p} > chunk_size={chunk}: the causal {cls.name} compresses each chunk of "
                 f"chunk_size tokens to {cls.summary_option} summaries, so it must be <= chunk_size"
             )
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.chunk_size = self.opt("chunk_size")
-        self.summary_len = self.opt(self.summary_option)
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        self.chunk_size = self.options.chunk_size
+        self.summary_len = getattr(self.options, self.summary_option)
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Each query scores its chunk and every summary: ``T (C + (T / C) p)`` per head, with
+        temporaries (causal form)."""
+        T, C, p = seq_len, min(self.chunk_size, seq_len), self.summary_len
+        return MATERIALISED_COPIES * batch * self.n_heads * T * (C + T / C * p) * elem
+
+    def core_flops(self, batch, seq_len, backward):
+        """Per head, ``n = ceil(T / C)`` chunks: ``4 n C^2 D`` (own chunk) + ``4 n C (n p) D``
+        (every summary, masked ones included, as computed) + ``4 n p C D`` (summarising);
+        backward 2x more."""
+        C, p, D = self.chunk_size, self.summary_len, self.head_dim
+        n = -(-seq_len // C)
+        per_head = 4 * n * C * C * D + 4 * n * C * (n * p) * D + 4 * n * p * C * D
+        return batch * self.n_heads * per_head * (3.0 if backward else 1.0)
 
     # ----------------------------------------------------------------- per-mechanism hooks
     def summarize(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,10 +172,7 @@ class ChunkedLowRankAttention(Attention):
 
     def reject_mask(self, mask: Optional[Tensor]) -> None:
         if mask is not None:
-            raise ValueError(
-                f"attention_type {self.name!r} attends to compressed keys that each summarise several tokens, so a "
-                "[T, S] mask cannot be applied to them; use an exact mechanism (e.g. 'full') for custom masks"
-            )
+            raise ValueError(f"attention_type {self.name!r}: {self.mask_unsupported}")
 
     # ----------------------------------------------------------------- causal chunked variant
     def attend_chunks(self, q: Tensor, k: Tensor, v: Tensor, memory_k: Tensor,
@@ -237,19 +253,24 @@ class LinformerAttention(ChunkedLowRankAttention):
     """
 
     description = "Linformer: keys/values projected along the sequence to proj_len; causal = chunked memory"
-    options = {"proj_len": 64, "chunk_size": 256}
     summary_option = "proj_len"
 
-    @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
-        p = config.proj_len or cls.options["proj_len"]
-        if not config.causal and p > config.max_seq_len:
-            raise ValueError(f"proj_len={p} > max_seq_len={config.max_seq_len}: Linformer must project to fewer keys")
+    @dataclass(frozen=True)
+    class Options:
+        proj_len: int = option(16, 4, 1, 2, 3)
+        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
+        chunk_size: int = option(64, 4, *range(4, 10))
 
-    def __init__(self, config):
-        super().__init__(config)
-        width = self.chunk_size if config.causal else config.max_seq_len
+    @classmethod
+    def validate_options(cls, config, dims):
+        super().validate_options(config, dims)
+        p = config.options.proj_len
+        if dims is not None and not config.causal and p > dims.max_seq_len:
+            raise ValueError(f"proj_len={p} > max_seq_len={dims.max_seq_len}: Linformer must project to fewer keys")
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        width = self.chunk_size if config.causal else dims.max_seq_len
         self.proj_k = nn.Parameter(torch.randn(self.summary_len, width) / math.sqrt(width))
         self.proj_v = nn.Parameter(torch.randn(self.summary_len, width) / math.sqrt(width))
 
@@ -258,10 +279,10 @@ class LinformerAttention(ChunkedLowRankAttention):
 
     def attend_global(self, q, k, v, reference):
         T = k.shape[2]
-        if T > self.config.max_seq_len:
+        if T > self.dims.max_seq_len:
             raise ValueError(
-                f"sequence length {T} > max_seq_len={self.config.max_seq_len}: Linformer's projections have "
-                "max_seq_len columns; raise max_seq_len (the model's block_size) or use causal=True (chunked)"
+                f"sequence length {T} > max_seq_len={self.dims.max_seq_len}: Linformer's projections have "
+                "max_seq_len columns; raise max_seq_len (the model's context_len) or use causal=True (chunked)"
             )
         k, v = self.proj_k[:, :T] @ k, self.proj_v[:, :T] @ v
         if reference:
@@ -295,8 +316,13 @@ class NystromAttention(ChunkedLowRankAttention):
     """
 
     description = "Nystromformer: segment-mean landmarks + pseudo-inverse; causal = chunked landmark memory"
-    options = {"num_landmarks": 32, "chunk_size": 128}
     summary_option = "num_landmarks"
+
+    @dataclass(frozen=True)
+    class Options:
+        num_landmarks: int = option(16, 4, *range(1, 7))
+        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
+        chunk_size: int = option(64, 4, *range(4, 10))
     noncausal_exact_option = "num_landmarks"  # as many landmarks as tokens: exact (tested)
 
     def summarize(self, k, v):

@@ -29,6 +29,7 @@ class MaskPattern:
 
     causal: bool = True
     _block_masks: dict = field(default_factory=dict, init=False, repr=False)
+    _densities: dict = field(default_factory=dict, init=False, repr=False)
 
     #: ``True`` when the pattern is exactly "causal" or exactly "everything" (SDPA's own flags).
     @property
@@ -74,10 +75,16 @@ class MaskPattern:
             )
         return self._block_masks[key]
 
-    def density(self, seq_len: int) -> float:
-        """Fraction of the ``T x T`` score matrix this pattern computes (causal full = ~0.5)."""
-        pos = torch.arange(seq_len)
-        return self.dense(pos, pos).float().mean().item()
+    def density(self, seq_len: int, device: torch.device | str = "cpu") -> float:
+        """Exact fraction of the ``T x T`` score matrix this pattern allows (causal full =
+        ``(T + 1) / 2T``), counted in row chunks of ~16M entries (never one ``T x T`` tensor) and
+        cached per length."""
+        if seq_len not in self._densities:
+            pos = torch.arange(seq_len, device=device)
+            rows = max(1, 2**24 // seq_len)
+            allowed = sum(int(self.dense(pos[a:a + rows], pos).sum()) for a in range(0, seq_len, rows))
+            self._densities[seq_len] = allowed / seq_len**2
+        return self._densities[seq_len]
 
 
 @dataclass(eq=False)

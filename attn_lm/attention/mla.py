@@ -26,6 +26,7 @@ not return (they are materialised from the latent inside ``attend``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from ..cache import LayerCache
 from ..positions import Rotary
 from .base import SoftmaxAttention, cached_attention
+from .config import option
 from .factory import register
 from .functional import reference_attention, softmax_attention
 
@@ -70,26 +72,32 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     description = "DeepSeek-V2 multi-head latent attention: low-rank latent K/V + decoupled RoPE, tiny absorbed cache"
     family = "latent"
     exact = False
-    options = {"kv_rank": 128, "rope_dim": 32}
+    cache_kind = "latent"
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Channels of the shared key/value latent (the cache holds rope_dim + kv_rank per token).
+        kv_rank: int = option(64, 12, 1, 4, 16)
+        #: Channels of the decoupled rotary query/key slice (even).
+        rope_dim: int = option(16, 4, 2, 6)
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
-        if cls.option_of(config, "rope_dim") % 2:
-            raise ValueError(f"mla rope_dim must be even (RoPE rotates channel pairs), got {config.rope_dim}")
+    def validate_options(cls, config, dims):
+        if config.options.rope_dim % 2:
+            raise ValueError(f"mla rope_dim must be even (RoPE rotates channel pairs), got {config.options.rope_dim}")
         if config.position in ("rope", "xpos") and config.rope_fraction != 1.0:
             raise ValueError("mla rotates exactly its rope_dim slice; set rope_dim instead of rope_fraction "
                              f"(got rope_fraction={config.rope_fraction})")
 
-    def kv_heads(self, config):
+    def kv_heads(self, config, dims):
         return 1  # one latent row per token, shared by every head
 
-    def __init__(self, config):
-        super().__init__(config)
-        H, D, d = self.n_heads, self.head_dim, config.d_model
-        self.rope_dim, self.kv_rank = self.opt("rope_dim"), self.opt("kv_rank")
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        H, D, d = self.n_heads, self.head_dim, dims.d_model
+        self.rope_dim, self.kv_rank = self.options.rope_dim, self.options.kv_rank
         # One fused projection: per-head queries [q^R | q^C], the shared rotary key and the latent.
-        self.qkv = nn.Linear(d, H * (self.rope_dim + D) + self.rope_dim + self.kv_rank, bias=config.bias)
+        self.qkv = nn.Linear(d, H * (self.rope_dim + D) + self.rope_dim + self.kv_rank, bias=dims.bias)
         self.kv_norm = nn.Parameter(torch.ones(self.kv_rank))
         self.kv_up = nn.Linear(self.kv_rank, 2 * H * D, bias=False)  # [W_UK; W_UV]
         if self.rotary is not None:  # rotate exactly the leading rope_dim channels of q and of the latent row
@@ -106,6 +114,16 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         latent = torch.cat([k_rope, F.rms_norm(c, (self.kv_rank,), self.kv_norm.to(c.dtype))], dim=-1)
         latent = latent[:, None]
         return q.unflatten(-1, (H, -1)).transpose(1, 2), latent, latent
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Softmax attention under the pattern over keys/values materialised per head from the
+        latent: the up-projection ``2 H D`` and the keys ``[k^R, W_UK c]`` ``(r + D)`` per token and head."""
+        materialised = batch * self.n_heads * seq_len * (3 * self.head_dim + self.rope_dim) * elem
+        return super().core_bytes(batch, seq_len, elem, backward, fused) + materialised
+
+    def core_flops(self, batch, seq_len, backward):
+        """Scores over ``r + D`` channels, values of ``D``: ``(2 r + 4 D) T^2`` per head."""
+        return (1 + self.rope_dim / (2 * self.head_dim)) * super().core_flops(batch, seq_len, backward)
 
     def up_weights(self) -> tuple[Tensor, Tensor]:
         """``W_UK, W_UV [H, D, kv_rank]``."""

@@ -29,6 +29,7 @@ rejected while decoding (a state cannot forget chosen past keys). ``exact = Fals
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import LayerCache
-from .base import Attention
+from .base import MATERIALISED_COPIES, Attention
+from .config import option
 from .factory import register
 from .functional import head_rms_norm
 from .masks import MaskPattern, combine_custom_mask
@@ -95,14 +97,33 @@ class MatrixStateAttention(Attention):
     and their decay), the chunkwise ``scan``, the one-token decay of the state and the weights
     that decay each prompt key to its row's last token; the dispatch is shared."""
 
+    family = "recurrent_state"
     exact = False
-    options = {"chunk_size": 64}
+    quadratic = False
+    cache_kind = "state"
     noncausal_unsupported = ("it is a recurrence over earlier tokens: a decayed state (the parallel form's mask "
                              "is lower-triangular); use full or linear attention for a non-causal layer")
 
-    def __init__(self, config):
-        super().__init__(config)
+
+    @dataclass(frozen=True)
+    class Options:
+        #: Chunkwise form: the parallel form inside chunks of this many tokens, the state across.
+        chunk_size: int = option(64, 4, *range(4, 10))
+
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
+
+    def core_bytes(self, batch, seq_len, elem, backward, fused):
+        """Chunk scores ``T C``, the chunk states and the states before each chunk
+        ``2 (T / C) D^2`` and the float32 copies of ``q, k, v`` per head, with temporaries."""
+        T, C, D = seq_len, min(self.options.chunk_size, seq_len), self.head_dim
+        return MATERIALISED_COPIES * batch * self.n_heads * (T * C + 2 * T / C * D * D + 2 * T * D) * max(elem, 4)
+
+    def core_flops(self, batch, seq_len, backward):
+        """Per head ``4 T C D`` (chunk-local scores and values) + ``4 T D^2`` (states); backward 2x more."""
+        T, C, D = seq_len, min(self.options.chunk_size, seq_len), self.head_dim
+        return batch * self.n_heads * (4 * T * C * D + 4 * T * D * D) * (3.0 if backward else 1.0)
 
     def prepare(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``q, k / sqrt(D), v`` in at least float32 (long decayed sums) and the decay."""
@@ -169,11 +190,10 @@ class RetentionAttention(MatrixStateAttention):
     chunkwise (``chunk_size``); decodes from an ``O(D^2)`` recurrent state per head."""
 
     description = "RetNet retention: softmax-free, per-head exponential decay; chunkwise O(T C D + T D^2), O(D^2) state"
-    family = "retention"
     alibi_unsupported = "the per-head decay already is retention's distance bias; use position='rope' or 'xpos'"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
         self.register_buffer("log_gamma", retention_decays(self.n_heads).float(), persistent=False)
 
     def prepare(self, q, k, v):
@@ -181,7 +201,7 @@ class RetentionAttention(MatrixStateAttention):
         return q.to(dtype), k.to(dtype) / math.sqrt(self.head_dim), v.to(dtype), self.log_gamma.to(dtype)
 
     def scan(self, q, k, v, decay, state=None):
-        return chunked_retention(q, k, v, decay, self.opt("chunk_size"), state)
+        return chunked_retention(q, k, v, decay, self.options.chunk_size, state)
 
     def decay_state(self, state, decay):
         return decay.exp()[:, None, None] * state

@@ -10,7 +10,10 @@ materialising ``H`` copies; only the explicit reference path repeats them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .base import SoftmaxAttention
+from .config import NoOptions, option
 from .factory import register
 
 
@@ -26,24 +29,26 @@ class GroupedQueryAttention(SoftmaxAttention):
 
     description = "grouped-query attention: n_kv_heads key/value heads shared by groups of query heads"
     family = "shared_kv"
-    options = {"n_kv_heads": 2}
+
+    @dataclass(frozen=True)
+    class Options:
+        n_kv_heads: int = option(2, 2, 1, 4)  # must divide the model's n_heads
 
     @classmethod
     def num_kv_heads(cls, config) -> int:
-        return cls.options["n_kv_heads"] if config.n_kv_heads is None else config.n_kv_heads
+        return config.options.n_kv_heads
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
+    def validate_options(cls, config, dims):
         n_kv = cls.num_kv_heads(config)
-        if config.n_heads % n_kv != 0:
-            valid = [d for d in range(1, config.n_heads + 1) if config.n_heads % d == 0]
+        if dims is not None and dims.n_heads % n_kv != 0:
+            valid = [d for d in range(1, dims.n_heads + 1) if dims.n_heads % d == 0]
             raise ValueError(
                 f"{cls.name} needs n_kv_heads to divide n_heads (each key/value head serves an equal group "
-                f"of query heads), got n_kv_heads={n_kv}, n_heads={config.n_heads}; valid n_kv_heads: {valid}"
+                f"of query heads), got n_kv_heads={n_kv}, n_heads={dims.n_heads}; valid n_kv_heads: {valid}"
             )
 
-    def kv_heads(self, config):
+    def kv_heads(self, config, dims):
         return self.num_kv_heads(config)
 
 
@@ -58,7 +63,7 @@ class MultiQueryAttention(GroupedQueryAttention):
     """
 
     description = "multi-query attention: all query heads share one key/value head (gqa with n_kv_heads=1)"
-    options = {}
+    Options = NoOptions
 
     @classmethod
     def num_kv_heads(cls, config) -> int:

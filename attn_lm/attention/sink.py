@@ -31,9 +31,12 @@ the same reason (its bias would need the same cap).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import cached_attention
+from .config import option
 from .factory import register
 from .masks import SinkPattern
 from .sparse import _BoundedLookbackAttention
@@ -46,22 +49,27 @@ class SinkAttention(_BoundedLookbackAttention):
     Time ``O(T (w + n) d)`` on the fused path; cache ``O((w + n) d)`` per head."""
 
     description = "StreamingLLM: sliding window + first num_sink_tokens attention sinks, streams with a bounded cache"
-    options = {"window_size": 256, "num_sink_tokens": 4}
+
+    @dataclass(frozen=True)
+    class Options:
+        window_size: int = option(64, 5, *range(1, 13))
+        num_sink_tokens: int = option(4, 2, 1, 3)
+
     alibi_unsupported = ("streaming caps the distance to the sink tokens past the training length, which is "
                          "implemented for RoPE/xPos rotations only; use position='rope' (or 'none')")
 
     def build_pattern(self):
-        return SinkPattern(causal=self.config.causal, window=self.opt("window_size"),
-                           num_sink=self.opt("num_sink_tokens"))
+        return SinkPattern(causal=self.config.causal, window=self.options.window_size,
+                           num_sink=self.options.num_sink_tokens)
 
     def cache_span(self):
-        return self.opt("window_size"), self.opt("num_sink_tokens")
+        return self.options.window_size, self.options.num_sink_tokens
 
     def check_length(self, end: int) -> None:
-        if self.rotary is not None and end > self.config.max_seq_len:
+        if self.rotary is not None and end > self.dims.max_seq_len:
             raise ValueError(
                 f"sink attention with rotary positions runs full forwards of at most max_seq_len="
-                f"{self.config.max_seq_len} tokens, got {end}: past it the distance to the sink tokens is capped, "
+                f"{self.dims.max_seq_len} tokens, got {end}: past it the distance to the sink tokens is capped, "
                 "which only cached decoding implements; decode with a cache (it streams at constant memory)"
             )
 
@@ -74,7 +82,7 @@ class SinkAttention(_BoundedLookbackAttention):
         ``min(pos, max_seq_len - 1) - j`` (module docstring)."""
         if self.rotary is None:
             return k
-        excess = pos - pos.clamp(max=self.config.max_seq_len - 1)
+        excess = pos - pos.clamp(max=self.dims.max_seq_len - 1)
         return self.rotary(k, k, excess, excess)[1]  # the second output is rotated (and xPos-scaled) as a key
 
     def attend_step(self, q, k, v, pos, cache, mask):

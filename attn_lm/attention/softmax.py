@@ -3,14 +3,17 @@ You Need").
 
 ``softmax(Q K^T / sqrt(d)) V`` for every head. Time ``O(T^2 d)`` per head; memory ``O(T)`` extra
 with a fused kernel (flash / cuDNN / memory-efficient SDPA backends), ``O(T^2)`` on the explicit
-reference path. All four mechanisms here share the projections, mask pattern, KV cache and
+reference path. All three mechanisms here share the projections, mask pattern, KV cache and
 dispatch of :class:`~attn_lm.attention.base.SoftmaxAttention`; they differ in which kernel runs.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch.nn.attention import SDPBackend
 
 from .base import SoftmaxAttention
+from .config import option
 from .factory import register
 
 _BACKENDS = {
@@ -21,11 +24,17 @@ _BACKENDS = {
 }
 
 
-@register("full", aliases=("mha", "self"))
+@register("full", aliases=("mha", "self", "flash"))
 class FullAttention(SoftmaxAttention):
-    """Multi-head (self-)attention. Causal by default; PyTorch SDPA picks the fused kernel."""
+    """Multi-head (self-)attention. Causal by default; PyTorch SDPA picks the fused kernel.
 
-    description = "multi-head softmax attention, O(T^2); SDPA fast path, explicit reference path"
+    ``flash`` is an alias of this mechanism, not a kernel of its own: FlashAttention (Dao et al.,
+    2022; Dao, 2023) is what SDPA runs here on GPU whenever it applies (order cuDNN, FlashAttention-2,
+    memory-efficient; the math kernel where none does, e.g. float64 on CPU). Pin one backend with
+    ``sdpa`` (``backend=flash``); ``flash_v1`` / ``flash_v2`` show the algorithm tile by tile.
+    """
+
+    description = "multi-head softmax attention, O(T^2); SDPA fast path (FlashAttention on GPU), explicit reference path"
 
 
 @register("sdpa")
@@ -40,18 +49,20 @@ class SDPAAttention(SoftmaxAttention):
     prefill.
     """
 
+    @dataclass(frozen=True)
+    class Options:
+        backend: str = option("auto", "auto", "math")  # auto | flash | efficient | cudnn | math
+
     description = "PyTorch fused scaled_dot_product_attention with a selectable backend"
-    options = {"backend": "auto"}
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
-        if config.backend is not None and config.backend not in ("auto", *_BACKENDS):
-            raise ValueError(f"sdpa backend {config.backend!r} unknown; valid: auto, {', '.join(_BACKENDS)}")
+    def validate_options(cls, config, dims):
+        if config.options.backend not in ("auto", *_BACKENDS):
+            raise ValueError(f"sdpa backend {config.options.backend!r} unknown; valid: auto, {', '.join(_BACKENDS)}")
 
-    def __init__(self, config):
-        super().__init__(config)
-        name = self.opt("backend")
+    def __init__(self, config, dims):
+        super().__init__(config, dims)
+        name = self.options.backend
         self.sdpa_backends = None if name == "auto" else (_BACKENDS[name],)
 
     def attend(self, q, k, v, q_pos, kv_pos, mask):
@@ -61,24 +72,10 @@ class SDPAAttention(SoftmaxAttention):
             if "No viable backend" not in str(err):
                 raise
             raise RuntimeError(
-                f"sdpa backend {self.opt('backend')!r} cannot run this call ({q.device.type}, {q.dtype}, "
+                f"sdpa backend {self.options.backend!r} cannot run this call ({q.device.type}, {q.dtype}, "
                 f"head_dim {q.shape[-1]}, mask={'yes' if mask is not None else 'no'}); "
                 "use backend=auto to let PyTorch choose"
             ) from err
-
-
-@register("flash")
-class FlashAttention(SoftmaxAttention):
-    """FlashAttention (Dao et al., 2022; Dao, 2023): exact attention computed tile by tile in
-    on-chip memory with an online softmax, O(T) extra memory, never materialising ``T x T``.
-
-    This is the fast path: the fused kernels behind SDPA, tried in the order cuDNN (fastest on
-    Hopper), FlashAttention-2, memory-efficient; where none applies (float64 on CPU, a dense user
-    mask) the math kernel computes the same numbers. ``flash_v1`` / ``flash_v2`` show the
-    algorithm step by step in PyTorch.
-    """
-
-    description = "FlashAttention via fused SDPA kernels (cuDNN > flash-2 > mem-efficient), exact"
 
 
 @register("cross")

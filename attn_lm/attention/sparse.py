@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 from ..cache import SlidingWindowCache
 from .base import SoftmaxAttention, cached_attention
+from .config import option
 from .factory import register
 from .masks import (
     BigBirdPattern,
@@ -42,6 +44,7 @@ class _BoundedLookbackAttention(SoftmaxAttention):
     :class:`SlidingWindowCache` instead of a full KV cache."""
 
     family = "sparse"
+    cache_kind = "window"
 
     @classmethod
     def covering_option(cls, config):
@@ -81,18 +84,21 @@ class LocalAttention(_BoundedLookbackAttention):
     """
 
     description = "sliding-window softmax attention over the window_size latest tokens, O(T w d), bounded cache"
-    options = {"window_size": 256}
+
+    @dataclass(frozen=True)
+    class Options:
+        window_size: int = option(64, 5, *range(1, 13))
 
     def build_pattern(self):
-        return SlidingWindowPattern(causal=self.config.causal, window=self.opt("window_size"))
+        return SlidingWindowPattern(causal=self.config.causal, window=self.options.window_size)
 
     def cache_span(self):
-        return self.opt("window_size"), 0
+        return self.options.window_size, 0
 
 
 @register("block_sparse")
 class BlockSparseAttention(_BoundedLookbackAttention):
-    """Block-sparse attention: the sequence is cut into blocks of ``block_size`` tokens and query
+    """Block-sparse attention: the sequence is cut into blocks of ``sparse_block`` tokens and query
     block ``i`` attends to key blocks ``i + o`` for each offset ``o`` of ``layout``, a
     comma-separated list that must contain ``0``: ``"0"`` is block-diagonal attention (blocks are
     independent), ``"0,-1"`` adds the previous block, ``"0,-1,1"`` (non-causal) both neighbours.
@@ -101,20 +107,27 @@ class BlockSparseAttention(_BoundedLookbackAttention):
     2019, and of BigBird's blocked implementation.)
 
     Time ``O(T |layout| b d)``: a fixed number of blocks per query. Decoding keeps the last
-    ``(1 + max back offset)`` blocks in a ring buffer — ``block_size`` slots for ``"0"`` — so the
+    ``(1 + max back offset)`` blocks in a ring buffer — ``sparse_block`` slots for ``"0"`` — so the
     cache is bounded for every layout.
     """
 
     description = "block-sparse softmax attention with a block-offset layout ('0' = block-diagonal), O(T L b d)"
-    options = {"block_size": 64, "layout": "0"}
+    renamed_options = {"block_size": "sparse_block"}
+
+    @dataclass(frozen=True)
+    class Options:
+        sparse_block: int = option(64, 4, *range(1, 10))
+        #: Comma-separated block offsets, must contain 0: "0" = block-diagonal, "0,-1" = + the
+        #: previous block (on the Hydra command line quote the commas: attention.layout="'0,-1'").
+        layout: str = option("0", "0", "0,-1", "-2,0")
 
     @classmethod
     def covering_option(cls, config):
-        return "block_size"  # one block: a causal block attends to everything before it
+        return "sparse_block"  # one block: a causal block attends to everything before it
 
     @classmethod
     def layout_offsets(cls, config) -> tuple[int, ...]:
-        text = cls.options["layout"] if config.layout is None else config.layout
+        text = config.options.layout
         try:
             return tuple(int(part) for part in str(text).split(","))
         except ValueError:
@@ -124,31 +137,30 @@ class BlockSparseAttention(_BoundedLookbackAttention):
             ) from None
 
     @classmethod
-    def validate_options(cls, config):
-        super().validate_options(config)
+    def validate_options(cls, config, dims):
         offsets = cls.layout_offsets(config)
         if 0 not in offsets:
             raise ValueError(
-                f"block_sparse layout={config.layout!r} must contain offset 0 (each query block sees its own "
+                f"block_sparse layout={config.options.layout!r} must contain offset 0 (each query block sees its own "
                 "block); without it some query blocks (the first one when causal) see no key at all. "
                 f"Use e.g. '0,{','.join(map(str, offsets))}'"
             )
         if len(set(offsets)) != len(offsets):
-            raise ValueError(f"block_sparse layout={config.layout!r} repeats an offset; list each offset once")
+            raise ValueError(f"block_sparse layout={config.options.layout!r} repeats an offset; list each offset once")
         ahead = [o for o in offsets if o > 0]
         if config.causal and ahead:
             raise ValueError(
-                f"block_sparse layout={config.layout!r} has positive offsets {ahead}: later blocks, which a "
+                f"block_sparse layout={config.options.layout!r} has positive offsets {ahead}: later blocks, which a "
                 "causal layer never sees. Remove them, or set causal=False"
             )
 
     def build_pattern(self):
-        return BlockPattern(causal=self.config.causal, block=self.opt("block_size"),
+        return BlockPattern(causal=self.config.causal, block=self.options.sparse_block,
                             offsets=self.layout_offsets(self.config))
 
     def cache_span(self):
         blocks_back = -min(self.layout_offsets(self.config))
-        return (1 + blocks_back) * self.opt("block_size"), 0
+        return (1 + blocks_back) * self.options.sparse_block, 0
 
 
 @register("strided")
@@ -170,15 +182,19 @@ class StridedAttention(SoftmaxAttention):
 
     description = "Sparse Transformer strided attention: local band + every stride-th key, O(T sqrt(T) d)"
     family = "sparse"
-    options = {"stride": 64, "dilation": 1}
+
+    @dataclass(frozen=True)
+    class Options:
+        stride: int = option(64, 3, *range(1, 8))  # ~sqrt(T): O(T sqrt(T)); FlexAttention skips tiles from 256
+        dilation: int = option(1, 1, 2, 3)
 
     @classmethod
     def covering_option(cls, config):
         # With dilation 1 the local band is the stride latest tokens; dilated bands leave gaps.
-        return "stride" if cls.option_of(config, "dilation") == 1 else None
+        return "stride" if config.options.dilation == 1 else None
 
     def build_pattern(self):
-        return StridedPattern(causal=self.config.causal, stride=self.opt("stride"), dilation=self.opt("dilation"))
+        return StridedPattern(causal=self.config.causal, stride=self.options.stride, dilation=self.options.dilation)
 
 
 @register("longformer")
@@ -194,23 +210,27 @@ class LongformerAttention(_BoundedLookbackAttention):
     """
 
     description = "Longformer: sliding window + global tokens at the start, O(T (w + g) d), bounded cache"
-    options = {"window_size": 256, "num_global_tokens": 1}
+
+    @dataclass(frozen=True)
+    class Options:
+        window_size: int = option(64, 5, *range(1, 13))
+        num_global_tokens: int = option(1, 2, 1, 3)
 
     def build_pattern(self):
-        return LongformerPattern(causal=self.config.causal, window=self.opt("window_size"),
-                                 num_global=self.opt("num_global_tokens"))
+        return LongformerPattern(causal=self.config.causal, window=self.options.window_size,
+                                 num_global=self.options.num_global_tokens)
 
     def cache_span(self):
-        return self.opt("window_size"), self.opt("num_global_tokens")
+        return self.options.window_size, self.options.num_global_tokens
 
 
 @register("bigbird")
 class BigBirdAttention(SoftmaxAttention):
     """BigBird attention (Zaheer et al., 2020, "Big Bird: Transformers for Longer Sequences"):
     Longformer's sliding window and global tokens plus ``num_random_blocks`` random key blocks per
-    query block (blocks of ``block_size`` tokens; causal: chosen among earlier blocks).
+    query block (blocks of ``sparse_block`` tokens; causal: chosen among earlier blocks).
 
-    The random layout is drawn once, from ``seed``, for ``ceil(max_seq_len / block_size)`` blocks
+    The random layout is drawn once, from ``layout_seed``, for ``ceil(max_seq_len / sparse_block)`` blocks
     and registered as the buffer ``random_layout``, so it is part of the checkpoint (a loaded
     layout replaces the drawn one). Layers built from the same config share a layout; give layers
     different seeds for different ones. A sequence longer than the layout covers is an error
@@ -223,34 +243,43 @@ class BigBirdAttention(SoftmaxAttention):
 
     description = "BigBird: sliding window + global tokens + seeded random key blocks, O(T (w + g + r b) d)"
     family = "sparse"
-    options = {"window_size": 256, "num_global_tokens": 1, "num_random_blocks": 2, "block_size": 64, "seed": 0}
+    renamed_options = {"block_size": "sparse_block", "seed": "layout_seed"}
+
+    @dataclass(frozen=True)
+    class Options:
+        window_size: int = option(32, 5, *range(1, 13))
+        num_global_tokens: int = option(1, 2, 1, 3)
+        num_random_blocks: int = option(2, 1, 2, 3)
+        sparse_block: int = option(16, 4, *range(1, 10))
+        #: Seed of the random block layout (a private generator: the same layout on every machine).
+        layout_seed: int = option(0, 0, 1, 1000, minimum=0)
 
     @classmethod
     def covering_option(cls, config):
         return "window_size"
 
-    def __init__(self, config):
-        super().__init__(config)  # build_pattern() draws the layout
+    def __init__(self, config, dims):
+        super().__init__(config, dims)  # build_pattern() draws the layout
         self.register_buffer("random_layout", self.pattern.random_layout)
 
     def build_pattern(self):
-        c, block = self.config, self.opt("block_size")
-        layout = bigbird_layout(math.ceil(c.max_seq_len / block), self.opt("num_random_blocks"), c.causal,
-                                self.opt("seed"))
-        return BigBirdPattern(causal=c.causal, window=self.opt("window_size"),
-                              num_global=self.opt("num_global_tokens"), block=block, random_layout=layout)
+        o = self.options
+        layout = bigbird_layout(math.ceil(self.dims.max_seq_len / o.sparse_block), o.num_random_blocks,
+                                self.config.causal, o.layout_seed)
+        return BigBirdPattern(causal=self.config.causal, window=o.window_size, num_global=o.num_global_tokens,
+                              block=o.sparse_block, random_layout=layout)
 
     @property
     def covered_len(self) -> int:
         """Longest sequence the random layout covers (``max_seq_len`` rounded up to whole blocks)."""
-        return self.random_layout.shape[0] * self.opt("block_size")
+        return self.random_layout.shape[0] * self.options.sparse_block
 
     def check_length(self, end: int) -> None:
         if end > self.covered_len:
             raise ValueError(
                 f"bigbird's random block layout covers {self.covered_len} positions (drawn for "
-                f"max_seq_len={self.config.max_seq_len}, block_size={self.opt('block_size')}) but this call "
-                f"reaches position {end - 1}; build the layer with a larger max_seq_len (GPT: block_size)"
+                f"max_seq_len={self.dims.max_seq_len}, sparse_block={self.options.sparse_block}) but this call "
+                f"reaches position {end - 1}; build the layer with a larger max_seq_len (GPT: context_len)"
             )
 
     # The pattern must read the *current* buffer: ``.to()`` replaces it, loading a checkpoint may
