@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .attention import AttentionFactory
 from .attention.base import Attention
-from .config import attention_config_from_dict
+from .attention.config import AttentionDims, attention_config_from_dict
 
 #: Name of the profiler's allocation/free records (``torch.autograd.profiler`` uses the same).
 _MEMORY_EVENT = "[memory]"
@@ -47,12 +47,13 @@ def resolve_device(device: Optional[torch.device | str]) -> torch.device:
 def build_layer(attention_type: str, d_model: int, n_heads: int, seq_len: int, **options: Any) -> Attention:
     """An attention layer from the registry, sized for sequences of ``seq_len`` tokens.
 
-    ``options`` are :class:`~attn_lm.config.AttentionConfig` fields (``window_size=128``,
-    ``causal=False``, ``position="rope"``...); unknown ones raise with the valid list.
+    ``options`` are flat, as in Hydra: :class:`~attn_lm.config.AttentionConfig` fields
+    (``causal=False``, ``position="rope"``...), the mechanism's options (``window_size=128``)
+    and ``dropout`` / ``bias`` of the layer; one the mechanism does not take raises with the valid list.
     """
-    config = attention_config_from_dict({"attention_type": attention_type, "d_model": d_model, "n_heads": n_heads,
-                                         "max_seq_len": seq_len, **options})
-    return AttentionFactory.create_attention(config)
+    dims = {k: options.pop(k) for k in ("dropout", "bias") if k in options}
+    config = attention_config_from_dict({"attention_type": attention_type, **options})
+    return AttentionFactory.create_attention(config, AttentionDims(d_model, n_heads, max_seq_len=seq_len, **dims))
 
 
 class _Step:
@@ -192,8 +193,3 @@ class AttentionProfiler:
             "tokens_per_s": batch_size * seq_len / (latency / 1000.0),
             "parameters": sum(p.numel() for p in layer.parameters()),
         }
-
-    @staticmethod
-    def compare(attention_types: list[str], **kwargs: Any) -> list[dict[str, Any]]:
-        """:meth:`profile_attention` for several mechanisms with the same settings."""
-        return [AttentionProfiler.profile_attention(name, **kwargs) for name in attention_types]

@@ -26,21 +26,16 @@ inside ``attn_lm.attention.functional``), and the tile-by-tile teaching code (``
 Columns
 -------
 * ``ms``: median milliseconds per call;
-* ``TFLOP/s``: useful FLOPs / time. Exact (softmax) attention: ``fwd = 4 B H T^2 D density``
-  (``Q K^T`` and ``P V``, two multiply-adds per score) where ``density`` is the exact fraction of
-  the ``T x T`` scores the mechanism's pattern allows (``(T + 1) / 2T`` for causal full attention,
-  counted row-chunk by row-chunk on the device, never as one ``T x T`` tensor); ``fwd+bwd = 3.5 x
-  fwd`` (FlashAttention's convention: the backward recomputes ``Q K^T`` and does four more
-  matmuls). Baselines use the causal density too, so a kernel that computes and discards masked
-  scores gets no credit for them. Kernelized attention (``linear``, ``performer``, ``cosformer``,
-  ``F`` features, chunk ``C``) per head: ``2 T C (F + D)`` (intra-chunk scores and values)
-  ``+ 4 T F D`` (chunk states and their read-out) ``+ 4 T D F`` for Performer's random
-  projection of ``q`` and ``k``. Chunked low-rank (``linformer``, ``nystrom``, ``n = ceil(T / C)``
-  chunks of ``C`` with ``p`` summaries each) per head: ``4 n C^2 D`` (own chunk) ``+ 4 n C (n p) D``
-  (every summary, masked ones included, as the kernel computes them) ``+ 4 n p C D``
-  (summarising). Both: ``fwd+bwd = 3 x fwd`` (a matmul's backward is two matmuls, nothing is
-  recomputed). ``--whole-module`` adds the projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for
-  fwd+bwd). Mechanisms outside these families report no FLOPs;
+* ``TFLOP/s``: useful FLOPs / time, from the mechanism family's own formula
+  (``Attention.core_flops``, documented on each family). Exact (softmax) attention: ``fwd = 4 B H
+  T^2 D density`` (``Q K^T`` and ``P V``) where ``density`` is the exact fraction of the ``T x T``
+  scores the pattern allows (``(T + 1) / 2T`` for causal full attention, counted row-chunk by
+  row-chunk, never as one ``T x T`` tensor); ``fwd+bwd = 3.5 x fwd`` (FlashAttention's
+  convention). Baselines use the causal density too, so a kernel that computes and discards masked
+  scores gets no credit for them. Chunked families (kernelized, low-rank, recurrent state) count
+  their chunk-local and state matmuls, ``fwd+bwd = 3 x fwd`` (nothing recomputed).
+  ``--whole-module`` adds the projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for fwd+bwd). A
+  family without a formula reports no FLOPs;
 * ``peak MB``: peak allocated CUDA memory during one call, inputs included;
 * ``vs SDPA``: ``best_sdpa_ms / ms`` against the fastest SDPA backend on the same shape and mode
   (``> 1`` = faster than PyTorch's best fused kernel);
@@ -64,8 +59,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -75,22 +70,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attn_lm import AttentionConfig, AttentionFactory
+from attn_lm import AttentionFactory
 from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
+from attn_lm.attention.config import AttentionDims, attention_config_from_dict
 from attn_lm.attention.functional import reference_attention
-from attn_lm.attention.diff import DiffAttention
-from attn_lm.attention.gla import GatedLinearAttention
-from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
-from attn_lm.attention.lowrank import ChunkedLowRankAttention
-from attn_lm.attention.mla import MultiHeadLatentAttention
-from attn_lm.attention.retention import RetentionAttention
 
 #: Benchmark defaults per mechanism (applied only to options the mechanism declares).
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "local": {"window_size": 1024},
-    "block_sparse": {"block_size": 128},
+    "block_sparse": {"sparse_block": 128},
     "longformer": {"window_size": 1024},
-    "bigbird": {"window_size": 1024, "block_size": 128},
+    "bigbird": {"window_size": 1024, "sparse_block": 128},
     "strided": {"stride": 128},
     "gqa": {"n_kv_heads": 4},
     "linear": {"chunk_size": 64},
@@ -121,20 +111,6 @@ class Shape:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-_densities: "weakref.WeakKeyDictionary[MaskPattern, dict[int, float]]" = weakref.WeakKeyDictionary()
-
-
-def pattern_density(pattern: MaskPattern, T: int, device: torch.device) -> float:
-    """Exact fraction of allowed ``(query, key)`` pairs, counted in row chunks of ~16M entries
-    (cached per pattern object and length)."""
-    cache = _densities.setdefault(pattern, {})
-    if T not in cache:
-        pos = torch.arange(T, device=device)
-        rows = max(1, 2**24 // T)
-        cache[T] = sum(int(pattern.dense(pos[a:a + rows], pos).sum()) for a in range(0, T, rows)) / T**2
-    return cache[T]
-
-
 _CAUSAL = MaskPattern(causal=True)
 
 
@@ -143,31 +119,10 @@ def softmax_flops(shape: Shape, density: float, mode: str) -> float:
     return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
-def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device) -> Optional[float]:
-    """Useful FLOPs of one ``attend`` call (formulas in the module docstring); ``None`` when the
-    mechanism's family has no formula here."""
-    T, D = shape.T, shape.D
-    if module.exact:
-        return softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
-    if isinstance(module, DiffAttention):  # two maps of D/2-wide scores, each times D-wide values: 6 T^2 D
-        return 1.5 * softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
-    if isinstance(module, MultiHeadLatentAttention):  # scores over r + D channels, values of D: (2 r + 4 D) T^2
-        return (1 + module.rope_dim / (2 * D)) * softmax_flops(shape, pattern_density(module.pattern, T, device), mode)
-    if isinstance(module, KernelizedAttention):
-        C, Fd = min(module.opt("chunk_size"), T), module.feature_dim
-        per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
-        if isinstance(module, PerformerAttention):
-            per_head += 4 * T * D * Fd
-    elif isinstance(module, (RetentionAttention, GatedLinearAttention)):  # chunk-local scores and values + states
-        C = min(module.opt("chunk_size"), T)
-        per_head = 4 * T * C * D + 4 * T * D * D
-    elif isinstance(module, ChunkedLowRankAttention):
-        C, p = module.chunk_size, module.summary_len
-        n = -(-T // C)
-        per_head = 4 * n * C * C * D + 4 * n * C * (n * p) * D + 4 * n * p * C * D
-    else:
-        return None
-    return shape.B * shape.H * per_head * (3.0 if mode == "fwd+bwd" else 1.0)
+def core_flops(module: Attention, shape: Shape, mode: str) -> Optional[float]:
+    """Useful FLOPs of one ``attend`` call: the mechanism family's own formula
+    (``Attention.core_flops``; ``None`` when the family has none)."""
+    return module.core_flops(shape.B, shape.T, mode == "fwd+bwd")
 
 
 def projection_flops(module: Attention, shape: Shape, mode: str) -> float:
@@ -218,16 +173,17 @@ def naive_fits(shape: Shape, mode: str, dtype: torch.dtype, device: torch.device
 def mechanism_options(name: str, args) -> dict[str, Any]:
     """The benchmark's defaults for ``name`` (only options it declares) overridden by ``--options``."""
     cls = AttentionFactory.get_class(name)
-    options = {k: v for k, v in BENCH_OPTIONS.get(cls.name, {}).items() if k in cls.options}
+    declared = {f.name for f in dataclasses.fields(cls.Options)}
+    options = {k: v for k, v in BENCH_OPTIONS.get(cls.name, {}).items() if k in declared}
     options.update(args.options.get(cls.name, {}))
     return options
 
 
 def build_module(name: str, D: int, args, device: torch.device, dtype: torch.dtype) -> Attention:
-    config = AttentionConfig(attention_type=name, d_model=args.heads * D, n_heads=args.heads,
-                             max_seq_len=max(*args.seq_lens, args.check_len), **mechanism_options(name, args))
+    config = attention_config_from_dict({"attention_type": name, **mechanism_options(name, args)})
+    dims = AttentionDims(d_model=args.heads * D, n_heads=args.heads, max_seq_len=max(*args.seq_lens, args.check_len))
     torch.manual_seed(0)
-    return AttentionFactory.create_attention(config).to(device=device, dtype=dtype).eval()
+    return AttentionFactory.create_attention(config, dims).to(device=device, dtype=dtype).eval()
 
 
 def wants_compile(module: Attention, policy: str) -> bool:
@@ -367,7 +323,7 @@ def run_baselines(sweep: Sweep, shape: Shape, mode: str) -> Optional[float]:
     qkv_shape = (shape.B, shape.H, shape.T, shape.D)
 
     def causal_flops():
-        return softmax_flops(shape, pattern_density(_CAUSAL, shape.T, device), mode)
+        return softmax_flops(shape, _CAUSAL.density(shape.T, device), mode)
 
     def run(name: str, make_fn: Callable[[], Callable], best: Optional[float]) -> Optional[float]:
         def step_factory():
@@ -425,17 +381,17 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
         return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])
 
     sweep.run(sweep.new_row(name, shape, mode, scope="core", **fields), (name, "core", shape.D, mode), core_step,
-              lambda: core_flops(m, shape, mode, device), best_sdpa)
+              lambda: core_flops(m, shape, mode), best_sdpa)
     if not sweep.args.whole_module:
         return
-    x_shape = (shape.B, shape.T, m.config.d_model)
+    x_shape = (shape.B, shape.T, m.dims.d_model)
 
     def module_step():
         params = [p for p in m.parameters() if p.requires_grad] if mode == "fwd+bwd" else []
         return make_step(mech.whole, random_inputs([x_shape], mode, device, dtype), torch.Size(x_shape), mode, params)
 
     def module_flops():
-        core = core_flops(m, shape, mode, device)
+        core = core_flops(m, shape, mode)
         return None if core is None else core + projection_flops(m, shape, mode)
 
     sweep.run(sweep.new_row(f"{name} (module)", shape, mode, scope="module", **fields),
