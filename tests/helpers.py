@@ -1,46 +1,35 @@
-"""Shared test helpers: small configs for every registered mechanism."""
+"""Shared test helpers: small configs for every registered mechanism, read from the registry."""
 from __future__ import annotations
 
 import torch
 
 from attn_lm import AttentionConfig, AttentionFactory
-
-#: Small values for every mechanism option, so patterns are non-trivial at T ~ 24.
-SMALL_OPTIONS = {
-    "window_size": 5,
-    "block_size": 4,
-    "stride": 3,
-    "dilation": 1,
-    "num_global_tokens": 2,
-    "num_random_blocks": 1,
-    "num_features": 64,
-    "redraw_interval": None,
-    "proj_len": 4,
-    "num_landmarks": 4,
-    "chunk_size": 4,
-    "n_kv_heads": 2,
-    "layout": None,
-    "seed": 0,
-    "backend": None,
-    "num_sink_tokens": 2,
-    "kv_rank": 12,
-    "rope_dim": 4,
-}
+from attn_lm.attention.config import COMMON_FIELDS, AttentionDims, option_examples
 
 
-def small_config(name: str, d_model: int = 32, n_heads: int = 4, **overrides) -> AttentionConfig:
-    """An AttentionConfig for ``name`` with small option values for the options it accepts."""
-    cls = AttentionFactory.get_class(name)
-    opts = {k: v for k, v in SMALL_OPTIONS.items() if k in cls.options and v is not None}
-    if name == "mqa":
-        opts.pop("n_kv_heads", None)
-    opts = {"max_seq_len": 64, **opts, **overrides}
-    return AttentionConfig(attention_type=name, d_model=d_model, n_heads=n_heads, **opts)
+def small_options(name: str) -> dict:
+    """The first declared example of each option of ``name``: values small enough that patterns
+    and chunks are non-trivial at T ~ 24 (each mechanism declares them with its options)."""
+    return {k: v[0] for k, v in option_examples(AttentionFactory.get_class(name).Options).items()}
 
 
-def build(name: str, dtype=torch.float64, **overrides):
+def small_config(name: str, **overrides) -> AttentionConfig:
+    """An AttentionConfig for ``name`` with its small option values; ``overrides`` are flat
+    (common fields such as ``causal`` or ``position``, and options)."""
+    common = {k: v for k, v in overrides.items() if k in COMMON_FIELDS}
+    options = {k: v for k, v in overrides.items() if k not in COMMON_FIELDS}
+    return AttentionConfig(attention_type=name, **common, options={**small_options(name), **options})
+
+
+def small_dims(d_model: int = 32, n_heads: int = 4, max_seq_len: int = 64, **dims) -> AttentionDims:
+    return AttentionDims(d_model=d_model, n_heads=n_heads, max_seq_len=max_seq_len, **dims)
+
+
+def build(name: str, dtype=torch.float64, d_model: int = 32, n_heads: int = 4, max_seq_len: int = 64,
+          dropout: float = 0.0, **overrides):
     torch.manual_seed(0)
-    module = AttentionFactory.create_attention(small_config(name, **overrides)).to(dtype)
+    dims = small_dims(d_model, n_heads, max_seq_len, dropout=dropout)
+    module = AttentionFactory.create_attention(small_config(name, **overrides), dims).to(dtype)
     return module.eval()
 
 

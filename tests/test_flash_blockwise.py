@@ -142,7 +142,7 @@ def test_v2_backward_equals_autograd_through_v1_loops_in_training():
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_decoding_with_alibi(name):
     module = build(name, block_size=4, position="alibi")
-    x = torch.randn(1, 15, module.config.d_model, dtype=torch.float64)
+    x = torch.randn(1, 15, module.dims.d_model, dtype=torch.float64)
     full = module(x)
     cache = module.new_cache(1, 15, torch.float64, "cpu")
     pieces = [module(x[:, :6], cache=cache)]

@@ -54,7 +54,7 @@ def test_per_layer_attention_list_is_honoured():
     model = GPT(cfg)
     assert model.layer_types == ["full", "sdpa", "flash"]
     # model-level sizes are authoritative in every layer
-    assert all(b.attn.config.d_model == 32 and b.attn.config.max_seq_len == 32 for b in model.blocks)
+    assert all(b.attn.dims.d_model == 32 and b.attn.config.max_seq_len == 32 for b in model.blocks)
 
 
 def test_model_fast_path_equals_reference_path():

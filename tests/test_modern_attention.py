@@ -33,12 +33,12 @@ def test_sink_decodes_ten_times_its_training_length_at_constant_memory():
     output equals the written-out rule (sinks at capped distance, window exact)."""
     L, n, w = 16, 2, 5
     layer = build("sink", position="rope", max_seq_len=L, window_size=w, num_sink_tokens=n)
-    x = torch.randn(1, 10 * L, layer.config.d_model, dtype=torch.float64)
+    x = torch.randn(1, 10 * L, layer.dims.d_model, dtype=torch.float64)
     cache = layer.new_cache(1, 10 * L, torch.float64, "cpu")
     nbytes = cache.nbytes()
     ys = [layer(x[:, :4], cache=cache)]
     ys += [layer(x[:, t:t + 1], cache=cache, input_pos=torch.tensor([t])) for t in range(4, 10 * L)]
-    assert cache.nbytes() == nbytes == 2 * (n + w) * layer.config.d_model * 8 + (n + w) * 8
+    assert cache.nbytes() == nbytes == 2 * (n + w) * layer.dims.d_model * 8 + (n + w) * 8
     q, k, v = layer.project(x, None)
     expected = layer.project_out(streaming_reference(layer, q, k, v, L, n, w))
     torch.testing.assert_close(torch.cat(ys, dim=1), expected, rtol=1e-9, atol=1e-9)
@@ -72,7 +72,7 @@ def test_diff_is_the_papers_equation_with_lambda_and_head_norm():
     with torch.no_grad():
         layer.norm_weight.uniform_(0.5, 1.5)
     T, D = 9, layer.head_dim
-    x = torch.randn(2, T, layer.config.d_model, dtype=torch.float64)
+    x = torch.randn(2, T, layer.dims.d_model, dtype=torch.float64)
     q, k, v = layer.project(x, None)
     lam = (torch.exp(layer.lambda_q1 @ layer.lambda_k1) - torch.exp(layer.lambda_q2 @ layer.lambda_k2) + 0.3)
     assert abs(lam.item() - 0.3) > 1e-3  # the learned part is not trivially zero
@@ -156,7 +156,7 @@ def test_retention_parallel_chunkwise_and_recurrent_forms_agree():
 
 def test_retention_decodes_at_constant_memory_and_rejects_masks_while_decoding():
     layer = build("retention", position="xpos")
-    x = torch.randn(2, 9, layer.config.d_model, dtype=torch.float64)
+    x = torch.randn(2, 9, layer.dims.d_model, dtype=torch.float64)
     full = layer(x)
     cache = layer.new_cache(2, 9, torch.float64, "cpu")
     assert cache.nbytes() == layer.new_cache(2, 10_000, torch.float64, "cpu").nbytes() == 2 * 4 * 8 * 8 * 8
@@ -174,7 +174,7 @@ def test_mla_absorbed_step_equals_explicit_attention_over_materialised_keys():
     from attn_lm.attention.functional import reference_attention
 
     layer = build("mla", position="rope")
-    x = torch.randn(2, 11, layer.config.d_model, dtype=torch.float64)
+    x = torch.randn(2, 11, layer.dims.d_model, dtype=torch.float64)
     cache = layer.new_cache(2, 16, torch.float64, "cpu")
     layer(x[:, :7], cache=cache)
     pos = torch.arange(7, 11)
@@ -223,7 +223,7 @@ def test_gla_chunkwise_equals_the_gated_recurrence():
 
 def test_gla_gates_depend_on_the_token():
     layer = build("gla")
-    x = torch.randn(1, 5, layer.config.d_model, dtype=torch.float64)
+    x = torch.randn(1, 5, layer.dims.d_model, dtype=torch.float64)
     _, kg, _ = layer.project(x, None)
     log_alpha = kg[..., layer.head_dim:]
     assert (log_alpha < 0).all() and log_alpha.std(dim=2).min() > 0  # varies over tokens, in (0, 1) as a gate

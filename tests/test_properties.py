@@ -5,69 +5,65 @@ Invalid configs drawn the same way must raise a clear ValueError. Example counts
 (``max_examples``) so the suite's cost is bounded; failures print a reproducible example."""
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hypothesis import assume
+
 from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import reference_mode
+from attn_lm.attention.config import AttentionDims, option_examples
 
 NAMES = AttentionFactory.names()
 MAX_LEN = 40
 EXAMPLES = 500
 
-OPTION_VALUES = {
-    "window_size": st.integers(1, 12),
-    "block_size": st.integers(1, 9),
-    "stride": st.integers(1, 7),
-    "dilation": st.integers(1, 3),
-    "num_global_tokens": st.integers(1, 3),
-    "num_random_blocks": st.integers(1, 3),
-    "num_features": st.integers(4, 48),
-    "redraw_interval": st.just(0),
-    "proj_len": st.integers(1, 4),
-    "num_landmarks": st.integers(1, 6),
-    "chunk_size": st.integers(4, 9),
-    "layout": st.sampled_from(["0", "0,-1", "-2,0"]),
-    "seed": st.integers(0, 1000),
-    "backend": st.sampled_from(["auto", "math"]),
-    "num_sink_tokens": st.integers(1, 3),
-    "lambda_init": st.floats(0.1, 0.9),
-    "kv_rank": st.integers(1, 16),
-    "rope_dim": st.sampled_from([2, 4, 6]),
-}
+
+def option_values(name: str) -> dict[str, st.SearchStrategy]:
+    """Strategies for a mechanism's options: the small valid values each option declares."""
+    return {k: st.sampled_from(v) for k, v in option_examples(AttentionFactory.get_class(name).Options).items()}
+
+
+#: Every option of every mechanism with its strategy (for drawing options a mechanism does not take).
+OPTION_VALUES = {k: v for name in NAMES for k, v in option_values(name).items()}
+
+
+def valid(config: AttentionConfig, dims: AttentionDims) -> bool:
+    """Whether the mechanism accepts this combination (e.g. summaries <= chunk, kv heads dividing
+    heads): each option's values are valid alone, combinations are the mechanism's to judge."""
+    try:
+        AttentionFactory.resolve(config, dims)
+    except ValueError:
+        return False
+    return True
 
 
 @st.composite
 def attention_cases(draw):
     name = draw(st.sampled_from(NAMES))
-    cls = AttentionFactory.get_class(name)
     n_heads = draw(st.sampled_from([1, 2, 4]))
-    options = {}
-    for option in cls.options:
-        if option == "n_kv_heads":
-            options[option] = draw(st.sampled_from([d for d in (1, 2, 4) if n_heads % d == 0]))
-        else:
-            options[option] = draw(OPTION_VALUES[option])
-    for summary in ("proj_len", "num_landmarks"):  # the causal low-rank form needs <= chunk_size summaries
-        if summary in options:
-            options[summary] = min(options[summary], options["chunk_size"])
-    config = AttentionConfig(attention_type=name, d_model=8 * n_heads, n_heads=n_heads, max_seq_len=MAX_LEN,
-                             position=draw(st.sampled_from(["none", "rope"])), **options)
+    options = {option: draw(values) for option, values in option_values(name).items()}
+    config = AttentionConfig(attention_type=name, position=draw(st.sampled_from(["none", "rope"])), options=options)
+    dims = AttentionDims(d_model=8 * n_heads, n_heads=n_heads, max_seq_len=MAX_LEN)
+    assume(valid(config, dims))
     T = draw(st.integers(1, MAX_LEN))
-    use_mask = draw(st.booleans()) and name not in ("linformer", "nystrom")  # they reject masks by design
-    return config, T, use_mask, draw(st.integers(0, 2**31 - 1))
+    use_mask = draw(st.booleans()) and AttentionFactory.get_class(name).mask_unsupported is None
+    return config, dims, T, use_mask, draw(st.integers(0, 2**31 - 1))
 
 
 # derandomize: CI draws the same examples every run (explore new ones locally with --hypothesis-seed).
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(attention_cases())
 def test_random_valid_configs_are_finite_causal_and_match_the_reference(case):
-    config, T, use_mask, seed = case
+    config, dims, T, use_mask, seed = case
     torch.manual_seed(seed)
-    module = AttentionFactory.create_attention(config).double().eval()
-    x = torch.randn(2, T, config.d_model, dtype=torch.float64)
+    module = AttentionFactory.create_attention(config, dims).double().eval()
+    x = torch.randn(2, T, dims.d_model, dtype=torch.float64)
     context = torch.randn_like(x) if module.uses_context else None
     mask = None
     if use_mask:
@@ -89,33 +85,34 @@ def test_random_valid_configs_are_finite_causal_and_match_the_reference(case):
     torch.testing.assert_close(module(x2, context=context2, mask=mask)[:, : t + 1], y[:, : t + 1], rtol=0, atol=1e-12)
 
 
-INVALID_VALUES = st.one_of(st.integers(-5, 0), st.just(10**9))
-
-
 @st.composite
 def invalid_cases(draw):
+    """A config with a non-positive size, heads that do not divide the width, or an option of
+    another mechanism; returns a callable that builds it."""
     name = draw(st.sampled_from(NAMES))
     cls = AttentionFactory.get_class(name)
     kind = draw(st.sampled_from(["foreign_option", "bad_value", "bad_heads"]))
-    sizes = [o for o in cls.options if o not in ("layout", "backend", "seed", "redraw_interval")]
+    hints = typing.get_type_hints(cls.Options)
+    sizes = [f.name for f in dataclasses.fields(cls.Options)
+             if hints[f.name] is int and f.metadata.get("minimum", 1) == 1]
+    dims = dict(d_model=16, n_heads=2)
     if kind == "bad_value" and sizes:
         option = draw(st.sampled_from(sizes))
-        value = draw(st.integers(-5, 0))
-        return AttentionConfig.__new__(AttentionConfig), dict(attention_type=name, d_model=16, n_heads=2,
-                                                              **{option: value})
-    if kind == "bad_heads":
-        return None, dict(attention_type=name, d_model=draw(st.sampled_from([10, 14, 15])), n_heads=4)
-    foreign = [o for o in OPTION_VALUES if o not in cls.options]
-    option = draw(st.sampled_from(foreign))
-    return None, dict(attention_type=name, d_model=16, n_heads=2, **{option: draw(OPTION_VALUES[option])})
+        options = {option: draw(st.integers(-5, 0))}
+    elif kind == "bad_heads":
+        dims, options = dict(d_model=draw(st.sampled_from([10, 14, 15])), n_heads=4), {}
+    else:
+        mine = option_values(name)
+        option = draw(st.sampled_from([o for o in OPTION_VALUES if o not in mine]))
+        options = {option: draw(OPTION_VALUES[option])}
+    return lambda: AttentionFactory.create_attention(AttentionConfig(name, options=options), AttentionDims(**dims))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True)
 @given(invalid_cases())
-def test_random_invalid_configs_raise_a_clear_error(case):
-    _, kwargs = case
+def test_random_invalid_configs_raise_a_clear_error(build):
     with pytest.raises(ValueError) as err:
-        AttentionFactory.create_attention(AttentionConfig(**kwargs))
+        build()
     message = str(err.value)
     assert len(message) > 20 and ("valid" in message or "must" in message or "does not" in message
                                   or "apply" in message or "accepts" in message), message

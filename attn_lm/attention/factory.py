@@ -10,6 +10,7 @@ tests) reads this registry.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -80,24 +81,23 @@ def _typed_options(cls: type["Attention"], given: Any) -> Any:
                              f"{sorted(declared) or 'no mechanism options'}); {key} is used by: "
                              f"{', '.join(users) or 'no mechanism'}")
     options = cls.Options(**values)
+    hints = typing.get_type_hints(cls.Options)
     for f in dataclasses.fields(options):
-        _check_value(cls.name, f, getattr(options, f.name))
+        _check_value(cls.name, f, hints[f.name], getattr(options, f.name))
     return options
 
 
-def _check_value(mechanism: str, f: dataclasses.Field, value: Any) -> None:
-    """Type and range of one option value, from its declaration."""
-    kind = type(f.default) if f.default is not None else None
-    if value is None:
-        if f.default is None:
-            return
-        raise ValueError(f"{f.name} of attention_type {mechanism!r} must be set ({kind.__name__}), got None")
-    if kind is None or kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return  # an optional value (e.g. a seed whose default is None) or an int for a float
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"{f.name}={value!r} must be {kind.__name__} for attention_type {mechanism!r}")
+def _check_value(mechanism: str, f: dataclasses.Field, hint: Any, value: Any) -> None:
+    """Type (from the field's annotation) and range (its ``minimum``) of one option value."""
+    kinds = typing.get_args(hint) or (hint,)
+    ok = any(value is None if k is type(None) else
+             isinstance(value, (int, float) if k is float else k) and (k is bool or not isinstance(value, bool))
+             for k in kinds)
+    if not ok:
+        names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+        raise ValueError(f"{f.name}={value!r} must be {names} for attention_type {mechanism!r}")
     minimum = f.metadata.get("minimum", 1)
-    if kind is int and minimum is not None and value < minimum:
+    if isinstance(value, int) and not isinstance(value, bool) and minimum is not None and value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{f.name} must be {what} for attention_type {mechanism!r}, got {value}")
 

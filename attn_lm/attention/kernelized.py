@@ -201,7 +201,7 @@ class PerformerAttention(KernelizedAttention):
         #: 0 = fixed features; N > 0 = redraw before every N-th training forward.
         redraw_interval: int = option(0, 0, minimum=0)
         #: None = torch's global generator (torch.manual_seed reproduces it); an int = a private one.
-        feature_seed: Optional[int] = option(None, None, 0, 7)
+        feature_seed: Optional[int] = option(None, None, 0, 7, minimum=0)
 
     def __init__(self, config, dims):
         super().__init__(config, dims)
