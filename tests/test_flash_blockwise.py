@@ -1,21 +1,17 @@
 """flash_v1 / flash_v2: the tiled online-softmax algorithms equal dense softmax attention."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from attn_lm import AttentionFactory
 from attn_lm.attention.flash_blockwise import FlashV2Function, TileGrid, flash_v2_forward
 from attn_lm.attention.functional import reference_attention
-from attn_lm.config import attention_config_from_dict
 
 from .helpers import build
 
-NAMES = ["flash_v1", "flash_v2"]
-CONF = Path(__file__).resolve().parents[1] / "conf" / "attention"
+NAMES = [n for n in AttentionFactory.names() if AttentionFactory.get_class(n).family == "flash_blockwise"]
 
 
 def qkv(T, dtype, heads=4, kv_heads=4, d=8, batch=2):
@@ -57,14 +53,14 @@ def check_against_reference(module, q, k, v, mask, tol):
 @pytest.mark.parametrize("position", ["none", "alibi"])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_equals_dense_reference(name, dtype, tol, causal, T, block, position, mask_kind):
-    module = build(name, dtype=dtype, causal=causal, block_size=block, position=position)
+    module = build(name, dtype=dtype, causal=causal, tile=block, position=position)
     check_against_reference(module, *qkv(T, dtype), user_mask(mask_kind, T), tol)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fully_masked_rows_give_zeros(name):
     T = 13
-    module = build(name, causal=False, block_size=4)
+    module = build(name, causal=False, tile=4)
     blocked = torch.ones(T, T, dtype=torch.bool)
     blocked[3] = False                       # row 3 sees nothing
     blocked[9, :8] = False                   # row 9: m stays -inf through two whole key tiles
@@ -81,7 +77,7 @@ def test_fully_masked_rows_give_zeros(name):
 @pytest.mark.parametrize("kv_heads", [2, 1])
 @pytest.mark.parametrize("position", ["none", "alibi"])
 def test_grouped_query_keys_values(name, kv_heads, position):
-    module = build(name, block_size=4, position=position)
+    module = build(name, tile=4, position=position)
     check_against_reference(module, *qkv(11, torch.float64, kv_heads=kv_heads), user_mask("bool", 11), 1e-10)
 
 
@@ -89,18 +85,18 @@ def test_grouped_query_keys_values(name, kv_heads, position):
 def test_causal_skips_tiles_above_the_diagonal(name):
     T, block = 64, 8
     n = T // block
-    causal = build(name, block_size=block)
+    causal = build(name, tile=block)
     causal.attend(*qkv(T, torch.float64), torch.arange(T), torch.arange(T), None)
     assert causal.tile_stats.total == n * n
     assert causal.tile_stats.computed == n * (n + 1) // 2       # 36 of 64: about half
-    full = build(name, block_size=block, causal=False)
+    full = build(name, tile=block, causal=False)
     full.attend(*qkv(T, torch.float64), torch.arange(T), torch.arange(T), None)
     assert full.tile_stats.computed == n * n
 
 
 def test_v2_saves_the_logsumexp_of_every_row():
     T = 10
-    module = build("flash_v2", block_size=4, position="alibi")
+    module = build("flash_v2", tile=4, position="alibi")
     q, k, v = qkv(T, torch.float64)
     pos = torch.arange(T)
     mask = torch.ones(T, T, dtype=torch.bool)
@@ -115,7 +111,7 @@ def test_v2_saves_the_logsumexp_of_every_row():
 def test_v2_recomputing_backward_matches_numerical_gradient_with_dropout():
     """The hand-written backward regenerates each tile's dropout mask from its seed."""
     T = 9
-    module = build("flash_v2", n_heads=2, block_size=4, position="alibi")
+    module = build("flash_v2", n_heads=2, tile=4, position="alibi")
     q, k, v = qkv(T, torch.float64, batch=1, heads=2, kv_heads=2, d=4)
     pos = torch.arange(T)
     grid = TileGrid(module.pattern, module.alibi, pos, pos, None, 4, 0.3)
@@ -127,7 +123,7 @@ def test_v2_backward_equals_autograd_through_v1_loops_in_training():
     draw the same per-tile masks, so v2's recomputing backward must equal autograd through v1."""
     outs = {}
     for name in NAMES:
-        module = build(name, block_size=4, dropout=0.2, position="alibi").train()
+        module = build(name, tile=4, dropout=0.2, position="alibi").train()
         q, k, v = qkv(23, torch.float64)
         torch.manual_seed(3)
         y = module.attend(q, k, v, torch.arange(23), torch.arange(23), user_mask("bool", 23))
@@ -141,7 +137,7 @@ def test_v2_backward_equals_autograd_through_v1_loops_in_training():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_cached_decoding_with_alibi(name):
-    module = build(name, block_size=4, position="alibi")
+    module = build(name, tile=4, position="alibi")
     x = torch.randn(1, 15, module.dims.d_model, dtype=torch.float64)
     full = module(x)
     cache = module.new_cache(1, 15, torch.float64, "cpu")
@@ -150,13 +146,6 @@ def test_cached_decoding_with_alibi(name):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_conf_file_builds_with_default_block_size(name):
-    values = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    module = AttentionFactory.create_attention(attention_config_from_dict(values, d_model=32, n_heads=4))
-    assert values["block_size"] == module.options["block_size"] == module.opt("block_size")
-
-
-def test_bad_block_size_is_rejected():
-    with pytest.raises(ValueError, match="block_size must be a positive integer"):
-        build("flash_v2", block_size=0)
+def test_bad_tile_is_rejected():
+    with pytest.raises(ValueError, match="tile must be a positive integer"):
+        build("flash_v2", tile=0)

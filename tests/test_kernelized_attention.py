@@ -8,7 +8,7 @@ import torch
 from attn_lm import AttentionFactory
 from attn_lm.attention.functional import reference_attention
 
-from .helpers import build, small_config
+from .helpers import build, small_config, small_dims
 
 KERNELS = ["linear", "performer", "cosformer"]
 T = 23  # not a multiple of any chunk size below
@@ -58,8 +58,8 @@ def test_performer_error_falls_with_num_features(causal):
     for m in (16, 64, 256, 1024):
         err = 0.0
         for seed in range(3):
-            config = small_config("performer", d_model=64, n_heads=4, num_features=m, seed=seed, causal=causal)
-            module = AttentionFactory.create_attention(config).double()
+            config = small_config("performer", num_features=m, feature_seed=seed, causal=causal)
+            module = AttentionFactory.create_attention(config, small_dims(d_model=64, n_heads=4)).double()
             q, k, v = qkv(module, T=32, seed=100 + seed)
             q, k = q / 2, k / 2
             pos = torch.arange(32)
@@ -92,7 +92,7 @@ def test_performer_redraw_only_when_interval_set_and_training():
 
 
 def test_performer_seed_reproducible_and_orthogonal_blocks():
-    a, b = build("performer", seed=3), build("performer", seed=3)
+    a, b = build("performer", feature_seed=3), build("performer", feature_seed=3)
     torch.testing.assert_close(a.projection, b.projection, rtol=0, atol=0)
     w = a.projection[: a.head_dim]
     directions = w / w.norm(dim=1, keepdim=True)

@@ -7,12 +7,13 @@ import torch
 
 from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import reference_mode
+from attn_lm.attention.config import AttentionDims
 from attn_lm.attention.functional import reference_attention
 from attn_lm.attention.lowrank import segment_means
 
 from .helpers import build
 
-NAMES = ["linformer", "nystrom"]
+NAMES = [n for n in AttentionFactory.names() if AttentionFactory.get_class(n).family == "low_rank"]
 D = 8  # head_dim of the small configs (d_model 32, 4 heads)
 
 
@@ -145,10 +146,10 @@ def test_cached_decoding_any_split(name, prompt, step):
 @pytest.mark.parametrize("name", NAMES)
 def test_clear_errors(name):
     with pytest.raises(ValueError, match="no single distance"):
-        AttentionFactory.create_attention(AttentionConfig(attention_type=name, d_model=32, n_heads=4, position="alibi"))
+        AttentionFactory.create_attention(AttentionConfig(attention_type=name, position="alibi"))
     option = "proj_len" if name == "linformer" else "num_landmarks"
     with pytest.raises(ValueError, match="must be <= chunk_size"):
-        AttentionFactory.create_attention(AttentionConfig(attention_type=name, chunk_size=8, **{option: 16}))
+        AttentionFactory.create_attention(AttentionConfig(attention_type=name, options={"chunk_size": 8, option: 16}))
     module = build(name)
     x = torch.randn(1, 8, 32, dtype=torch.float64)
     with pytest.raises(ValueError, match="cannot be applied"):
@@ -159,7 +160,8 @@ def test_clear_errors(name):
 
 def test_linformer_noncausal_length_errors():
     with pytest.raises(ValueError, match="must project to fewer keys"):
-        AttentionFactory.create_attention(AttentionConfig(attention_type="linformer", causal=False, max_seq_len=32))
+        AttentionFactory.create_attention(AttentionConfig("linformer", causal=False, options={"proj_len": 48}),
+                                          AttentionDims(max_seq_len=32))
     module = build("linformer", causal=False)
     with pytest.raises(ValueError, match="max_seq_len=64"):
         module(torch.randn(1, 65, 32, dtype=torch.float64))

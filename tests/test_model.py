@@ -6,12 +6,16 @@ import math
 import pytest
 import torch
 
+import dataclasses
+
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig, TransformerBlock
 from attn_lm.attention import reference_mode
+from attn_lm.attention.config import AttentionDims, AttnLmDeprecationWarning
+from attn_lm.config import gpt_config_from_dict
 
 
 def tiny(**kw) -> GPTConfig:
-    base = dict(vocab_size=61, block_size=32, n_layer=2, d_model=32, n_heads=4)
+    base = dict(vocab_size=61, context_len=32, n_layer=2, d_model=32, n_heads=4)
     base.update(kw)
     return GPTConfig(**base)
 
@@ -52,9 +56,52 @@ def test_weight_tying_and_scaled_residual_init():
 def test_per_layer_attention_list_is_honoured():
     cfg = tiny(n_layer=3, attention=[AttentionConfig("full"), AttentionConfig("sdpa"), AttentionConfig("flash")])
     model = GPT(cfg)
-    assert model.layer_types == ["full", "sdpa", "flash"]
-    # model-level sizes are authoritative in every layer
-    assert all(b.attn.dims.d_model == 32 and b.attn.config.max_seq_len == 32 for b in model.blocks)
+    assert model.layer_types == ["full", "sdpa", "full"]  # flash is an alias of full
+    # every layer is built with the model's dimensions
+    assert all(b.attn.dims == cfg.attention_dims == AttentionDims(32, 4, max_seq_len=32) for b in model.blocks)
+
+
+def test_a_layer_can_opt_out_of_the_models_rope():
+    """position=None inherits the model's RoPE; position='none' means none, even under a RoPE model."""
+    cfg = tiny(position="rope", attention=[AttentionConfig("full"), AttentionConfig("full", position="none")])
+    assert [a.position for a in cfg.layer_attention] == ["rope", "none"]
+    model = GPT(cfg)
+    assert model.blocks[0].attn.rotary is not None and model.blocks[1].attn.rotary is None
+    assert [a.position for a in tiny(position="learned").layer_attention] == ["none", "none"]
+
+
+def test_saved_config_round_trips_with_every_option_written_out():
+    cfg = tiny(attention=[AttentionConfig("local", options={"window_size": 5}), AttentionConfig("full")])
+    saved = dataclasses.asdict(cfg)
+    assert saved["attention"][0]["options"] == {"window_size": 5}
+    assert saved["attention"][0]["position"] is None  # "inherit" stays inherit
+    assert gpt_config_from_dict(saved).layer_attention == cfg.layer_attention
+
+
+def test_a_config_saved_before_the_options_redesign_still_loads():
+    """Checkpoints store dataclasses.asdict(GPTConfig): the old format had block_size, and flat
+    attention records with the model dimensions, every option of every mechanism (None = unset)
+    and position 'none' for "inherit"."""
+    old_layer = {"attention_type": "bigbird", "d_model": 32, "n_heads": 4, "dropout": 0.0, "causal": True,
+                 "bias": False, "max_seq_len": 32, "position": "none", "rope_base": 10000.0, "rope_fraction": 1.0,
+                 "xpos_scale_base": 512.0, "window_size": 4, "block_size": 8, "seed": 3, "stride": None,
+                 "num_features": None, "n_kv_heads": None, "num_global_tokens": None}
+    old = {"vocab_size": 61, "block_size": 32, "n_layer": 2, "d_model": 32, "n_heads": 4, "dropout": 0.0,
+           "bias": False, "mlp": "gelu", "mlp_ratio": 4.0, "position": "rope", "rope_base": 10000.0,
+           "rope_fraction": 1.0, "xpos_scale_base": 512.0, "tie_weights": True, "attention": old_layer}
+    with pytest.warns(AttnLmDeprecationWarning, match="pre-redesign format"):
+        cfg = gpt_config_from_dict(old)
+    assert cfg.context_len == 32
+    layer = cfg.layer_attention[0]
+    assert layer.position == "rope"  # the old "none" meant "inherit the model's"
+    assert (layer.options.window_size, layer.options.sparse_block, layer.options.layout_seed) == (4, 8, 3)
+    assert GPT(cfg).blocks[0].attn.random_layout.shape == (4, 4)
+
+
+def test_block_size_is_the_deprecated_name_of_context_len():
+    with pytest.warns(AttnLmDeprecationWarning, match="context_len"):
+        cfg = GPTConfig(block_size=48)
+    assert cfg.context_len == 48
 
 
 def test_model_fast_path_equals_reference_path():
@@ -69,14 +116,14 @@ def test_model_fast_path_equals_reference_path():
 
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_transformer_block_standalone(mlp):
-    block = TransformerBlock(AttentionConfig(attention_type="full", d_model=64, n_heads=4), mlp=mlp)
+    block = TransformerBlock(AttentionConfig(attention_type="full"), AttentionDims(d_model=64, n_heads=4), mlp=mlp)
     x = torch.randn(2, 10, 64)
     assert block(x).shape == x.shape
 
 
 def test_readme_attention_example():
-    config = AttentionConfig(attention_type="flash", d_model=512, n_heads=8, dropout=0.1)
-    attention = AttentionFactory.create_attention(config)
+    config = AttentionConfig(attention_type="flash")
+    attention = AttentionFactory.create_attention(config, AttentionDims(d_model=512, n_heads=8, dropout=0.1))
     x = torch.randn(2, 128, 512)
     assert attention(x).shape == (2, 128, 512)
     assert "full" in AttentionFactory.available() and "mha" in AttentionFactory.available()
@@ -98,18 +145,18 @@ def test_bad_attention_config():
     with pytest.raises(ValueError, match="unknown attention_type 'nope'; available: .*full"):
         AttentionFactory.create_attention(AttentionConfig("nope"))
     with pytest.raises(ValueError, match="option window_size=8 does not apply to attention_type 'full'"):
-        AttentionFactory.create_attention(AttentionConfig("full", window_size=8))
+        AttentionFactory.create_attention(AttentionConfig("full", options={"window_size": 8}))
     with pytest.raises(ValueError, match="does not divide d_model"):
-        AttentionConfig("full", d_model=10, n_heads=3)
+        AttentionDims(d_model=10, n_heads=3)
     with pytest.raises(ValueError, match="needs a context"):
-        AttentionFactory.create_attention(AttentionConfig("cross", d_model=16, n_heads=2))(torch.randn(1, 4, 16))
+        AttentionFactory.create_attention(AttentionConfig("cross"), AttentionDims(16, 2))(torch.randn(1, 4, 16))
     with pytest.raises(ValueError, match="takes no context"):
-        AttentionFactory.create_attention(AttentionConfig("full", d_model=16, n_heads=2))(
+        AttentionFactory.create_attention(AttentionConfig("full"), AttentionDims(16, 2))(
             torch.randn(1, 4, 16), context=torch.randn(1, 4, 16))
 
 
 def test_learned_positions_reject_too_long_input():
-    model = GPT(tiny(block_size=8))
+    model = GPT(tiny(context_len=8))
     with pytest.raises(ValueError, match="learned positions are defined up to 7"):
         model(torch.zeros(1, 9, dtype=torch.long))
 

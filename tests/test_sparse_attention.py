@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attn_lm import AttentionConfig, AttentionFactory
+from attn_lm.attention.config import AttentionDims
 from attn_lm.attention.functional import reference_attention
 
 from .helpers import build
@@ -57,12 +58,12 @@ def brute_force_mask(keys_of, n, causal):
 
 CASES = {
     "local": (dict(window_size=4), lambda m: lambda i: local_keys(i, T, 4)),
-    "block_sparse": (dict(block_size=4, layout="0"), lambda m: lambda i: block_keys(i, T, 4, (0,))),
-    "block_sparse-0,-2": (dict(block_size=3, layout="0,-2"), lambda m: lambda i: block_keys(i, T, 3, (0, -2))),
+    "block_sparse": (dict(sparse_block=4, layout="0"), lambda m: lambda i: block_keys(i, T, 4, (0,))),
+    "block_sparse-0,-2": (dict(sparse_block=3, layout="0,-2"), lambda m: lambda i: block_keys(i, T, 3, (0, -2))),
     "strided": (dict(stride=4), lambda m: lambda i: strided_keys(i, T, 4, 1)),
     "strided-dilated": (dict(stride=3, dilation=2), lambda m: lambda i: strided_keys(i, T, 3, 2)),
     "longformer": (dict(window_size=3, num_global_tokens=2), lambda m: lambda i: longformer_keys(i, T, 3, 2)),
-    "bigbird": (dict(window_size=2, num_global_tokens=1, block_size=4, num_random_blocks=2),
+    "bigbird": (dict(window_size=2, num_global_tokens=1, sparse_block=4, num_random_blocks=2),
                 lambda m: lambda i: bigbird_keys(i, T, 2, 1, 4, m.random_layout)),
 }
 
@@ -82,7 +83,7 @@ def test_pattern_equals_brute_force(case, causal):
 
 
 def test_non_causal_block_sparse_takes_positive_offsets():
-    module = build("block_sparse", causal=False, block_size=4, layout="0,1,-1")
+    module = build("block_sparse", causal=False, sparse_block=4, layout="0,1,-1")
     pos = torch.arange(T)
     expected = brute_force_mask(lambda i: block_keys(i, T, 4, (0, 1, -1)), T, causal=False)
     assert torch.equal(module.pattern.dense(pos, pos), expected)
@@ -97,17 +98,17 @@ def test_non_causal_block_sparse_takes_positive_offsets():
 ])
 def test_block_sparse_density_matches_layout(layout, causal, expected):
     n, b = 8, 4  # T = n * b, so every block is whole
-    module = build("block_sparse", causal=causal, block_size=b, layout=layout)
+    module = build("block_sparse", causal=causal, sparse_block=b, layout=layout)
     assert module.pattern.density(n * b) == pytest.approx(expected(n, b))
 
 
 # --------------------------------------------------------------------------- BigBird layout
 def test_bigbird_layout_is_seeded_saved_and_loaded():
-    a, same, other = (build("bigbird", seed=s) for s in (0, 0, 1))
+    a, same, other = (build("bigbird", layout_seed=s) for s in (0, 0, 1))
     assert torch.equal(a.random_layout, same.random_layout)
     assert not torch.equal(a.random_layout, other.random_layout)
     assert torch.equal(a.state_dict()["random_layout"], a.random_layout)
-    assert a.random_layout.shape == (64 // 4, 64 // 4)  # max_seq_len / block_size blocks
+    assert a.random_layout.shape == (64 // 4, 64 // 4)  # max_seq_len / sparse_block blocks
 
     x = torch.randn(1, 40, 32, dtype=torch.float64)
     y_other = other(x)
@@ -135,7 +136,7 @@ def test_bigbird_pattern_follows_device_and_dtype_moves():
 
 
 def test_bigbird_rejects_sequences_longer_than_its_layout():
-    module = build("bigbird", block_size=5)  # max_seq_len 64 -> 13 blocks -> 65 positions
+    module = build("bigbird", sparse_block=5)  # max_seq_len 64 -> 13 blocks -> 65 positions
     assert module.covered_len == 65
     module(torch.randn(1, 65, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="covers 65 positions.*larger max_seq_len"):
@@ -154,7 +155,7 @@ def test_flex_attention_block_mask_equals_dense_path(case, causal, length):
     runs on CPU), and marks as non-empty exactly the 128 x 128 tiles the pattern touches."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    module = make(case, causal, **({"block_size": 4} if case == "bigbird" else {}))
+    module = make(case, causal, **({"sparse_block": 4} if case == "bigbird" else {}))
     pattern = module.pattern
     block_mask = pattern.block_mask(length, length, "cpu")
     pos = torch.arange(length)
@@ -189,8 +190,8 @@ def decode(module, x, chunks, mask=None):
 
 @pytest.mark.parametrize("name,options", [
     ("local", dict(window_size=5)),
-    ("block_sparse", dict(block_size=4, layout="0")),
-    ("block_sparse", dict(block_size=3, layout="0,-2")),
+    ("block_sparse", dict(sparse_block=4, layout="0")),
+    ("block_sparse", dict(sparse_block=3, layout="0,-2")),
     ("longformer", dict(window_size=4, num_global_tokens=3)),
 ])
 @pytest.mark.parametrize("position", ["none", "alibi"])
@@ -206,8 +207,8 @@ def test_bounded_cache_decoding_equals_full_forward(name, options, position):
 
 @pytest.mark.parametrize("name,options,slots", [
     ("local", dict(window_size=5), 5),
-    ("block_sparse", dict(block_size=4, layout="0"), 4),
-    ("block_sparse", dict(block_size=4, layout="0,-1"), 8),
+    ("block_sparse", dict(sparse_block=4, layout="0"), 4),
+    ("block_sparse", dict(sparse_block=4, layout="0,-1"), 8),
     ("longformer", dict(window_size=5, num_global_tokens=2), 7),
 ])
 def test_bounded_cache_memory_does_not_grow(name, options, slots):
@@ -236,7 +237,7 @@ def test_long_range_patterns_keep_the_full_kv_cache(name):
 @pytest.mark.parametrize("name,options,message", [
     ("local", dict(window_size=0), "window_size must be a positive integer"),
     ("longformer", dict(window_size=-3), "window_size must be a positive integer"),
-    ("block_sparse", dict(block_size=0), "block_size must be a positive integer"),
+    ("block_sparse", dict(sparse_block=0), "sparse_block must be a positive integer"),
     ("strided", dict(stride=0), "stride must be a positive integer"),
     ("strided", dict(dilation=0), "dilation must be a positive integer"),
     ("bigbird", dict(num_random_blocks=0), "num_random_blocks must be a positive integer"),
@@ -244,8 +245,8 @@ def test_long_range_patterns_keep_the_full_kv_cache(name):
     ("block_sparse", dict(layout="0,1"), r"positive offsets \[1\].*causal=False"),
     ("block_sparse", dict(layout="0,-1,-1"), "repeats an offset"),
     ("block_sparse", dict(layout="0;-1"), "comma-separated list of integer block offsets"),
-    ("local", dict(block_size=4), "does not apply to attention_type 'local'"),
+    ("local", dict(sparse_block=4), "does not apply to attention_type 'local'"),
 ])
 def test_bad_options_raise_clear_errors(name, options, message):
     with pytest.raises(ValueError, match=message):
-        AttentionFactory.create_attention(AttentionConfig(attention_type=name, d_model=32, n_heads=4, **options))
+        AttentionFactory.create_attention(AttentionConfig(attention_type=name, options=options), AttentionDims(32, 4))

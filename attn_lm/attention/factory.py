@@ -71,8 +71,10 @@ def _typed_options(cls: type["Attention"], given: Any) -> Any:
                          f"got {type(given).__name__}")
     for old, new in cls.renamed_options.items():
         if old in values:
+            if new in values:
+                raise ValueError(f"attention option {old!r} of {cls.name!r} is the old name of {new!r}; give only {new!r}")
             deprecated(f"attention option {old!r} of {cls.name!r} is now {new!r} (the old name works for one release)")
-            values.setdefault(new, values.pop(old))
+            values[new] = values.pop(old)
     declared = option_names(cls)
     for key, value in values.items():
         if key not in declared:
