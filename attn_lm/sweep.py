@@ -77,17 +77,22 @@ OmegaConf.register_new_resolver("attn_lm.budget_steps", _budget_steps, replace=T
 OmegaConf.register_new_resolver("attn_lm.div", lambda a, b: max(1, int(a) // int(b)), replace=True)
 
 
-#: Kernels of ``full`` (the same function, other implementations): rows of the speed tables
-#: (scripts/bench_*), not of the quality sweeps, where they would repeat full's numbers.
-KERNEL_VARIANTS = ("sdpa", "flash", "flash_v1", "flash_v2")
-
-
-def sweep_mechanisms(kernel_variants: bool = False) -> str:
-    """Resolver ``${attn_lm.mechanisms:${compare.kernel_variants}}``: every registered mechanism as
-    a sweep value list (``full,local,...``), without :data:`KERNEL_VARIANTS` unless asked."""
+def kernel_variants() -> list[str]:
+    """Mechanisms that compute another one's function with another kernel (``kernel_of``): rows
+    of the speed tables (scripts/bench_*), not of the quality sweeps, where they would repeat
+    its numbers."""
     from .attention import AttentionFactory
 
-    return ",".join(n for n in AttentionFactory.names() if kernel_variants or n not in KERNEL_VARIANTS)
+    return [n for n in AttentionFactory.names() if AttentionFactory.get_class(n).kernel_of]
+
+
+def sweep_mechanisms(with_kernel_variants: bool = False) -> str:
+    """Resolver ``${attn_lm.mechanisms:${compare.kernel_variants}}``: every registered mechanism as
+    a sweep value list (``full,local,...``), without :func:`kernel_variants` unless asked."""
+    from .attention import AttentionFactory
+
+    skip = set() if with_kernel_variants else set(kernel_variants())
+    return ",".join(n for n in AttentionFactory.names() if n not in skip)
 
 
 OmegaConf.register_new_resolver("attn_lm.mechanisms", sweep_mechanisms, replace=True)

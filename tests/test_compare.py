@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, load_runs, t_halfwidth
 from attn_lm.configure import CONF_DIR
-from attn_lm.sweep import KERNEL_VARIANTS, budget_summary, process_count, steps_for_tokens
+from attn_lm.sweep import budget_summary, kernel_variants, process_count, steps_for_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -275,7 +275,7 @@ def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
     assert deal(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
     assert deal(["a"], 4) == [["a"]]
     values, rest = split_values(["experiment=compare_all", "seed=1,2"], "attention")
-    assert values == [n for n in AttentionFactory.names() if n not in KERNEL_VARIANTS]
+    assert values == [n for n in AttentionFactory.names() if n not in kernel_variants()]
     assert rest == ["experiment=compare_all", "seed=1,2"]
     assert split_values(["compare.kernel_variants=true"], "attention")[0] == AttentionFactory.names()
     assert split_values(["seed=1,2", "x=y"], "seed") == (["1", "2"], ["x=y"])

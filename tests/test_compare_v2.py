@@ -18,7 +18,7 @@ from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, last_crossing, t_halfwidth
 from attn_lm.configure import CONF_DIR, check_run_config, scale_structure
 from attn_lm.data import MQARDataModule
-from attn_lm.sweep import KERNEL_VARIANTS
+from attn_lm.sweep import kernel_variants
 
 from .synthetic_sweep import run_config, write_run
 
@@ -77,7 +77,7 @@ def test_structure_follows_context_and_full_attention_is_refused(T):
 
 def test_kernel_variants_leave_quality_sweeps_unless_asked():
     swept = compose_cfg(["experiment=compare_all"]).hydra.sweeper.params.attention.split(",")
-    assert swept == [n for n in AttentionFactory.names() if n not in KERNEL_VARIANTS] and "full" in swept
+    assert swept == [n for n in AttentionFactory.names() if n not in kernel_variants()] and "full" in swept
     every = compose_cfg(["experiment=compare_all", "compare.kernel_variants=true"]).hydra.sweeper.params.attention
     assert every.split(",") == AttentionFactory.names()
     recall = compose_cfg(["experiment=compare_recall"])

@@ -71,6 +71,10 @@ class Attention(nn.Module):
     quadratic: ClassVar[bool] = True
     #: Queries from ``x``, keys/values from ``context`` (cross-attention).
     uses_context: ClassVar[bool] = False
+    #: The mechanism whose function this one computes with another kernel (``sdpa`` and the
+    #: tile-by-tile teaching code compute ``full``): a row of the speed tables, not of quality
+    #: comparisons (``None``: a function of its own).
+    kernel_of: ClassVar[Optional[str]] = None
     #: Why ``torch.compile`` cannot trace this mechanism into the model's graph (``None`` = it
     #: can, with no graph break on any device's dispatch path; ``tests/test_compile.py`` holds
     #: every mechanism to this). A model with such a layer compiles with graph breaks around it.
@@ -140,9 +144,10 @@ class Attention(nn.Module):
         and the output) for one causal forward (``backward``: and its backward) of ``batch``
         sequences of ``seq_len`` tokens in ``elem``-byte elements; ``fused``: on the fused GPU
         path (FlexAttention / fused SDPA) rather than the CPU one. Default, for a family that
-        materialises its ``T x T`` scores: the scores and two temporaries of their size (the
-        normalised / multiplied copies, or with backward their gradient)."""
-        return MATERIALISED_COPIES * batch * self.n_heads * seq_len**2 * elem
+        materialises its ``T x T`` scores: the scores and their temporaries (the normalised /
+        multiplied copies, with backward the saved probabilities and their gradient; 2.5 copies
+        at a forward's peak, measured)."""
+        return (MATERIALISED_COPIES if backward else 2.5) * batch * self.n_heads * seq_len**2 * elem
 
     def core_flops(self, batch: int, seq_len: int, backward: bool) -> Optional[float]:
         """Useful FLOPs of one causal ``attend`` on ``batch x seq_len`` tokens (``None``: no
@@ -291,6 +296,10 @@ class SoftmaxAttention(Attention):
         #: SDPA backends this layer pins (``None``: the library's fastest-first order on GPU).
         self.sdpa_backends: Optional[tuple] = None
 
+    #: The scores' head width differs from the values' (diff's halves, mla's rotary slice):
+    #: PyTorch's CPU SDPA then runs its math kernel, which materialises the scores.
+    uneven_heads: ClassVar[bool] = False
+
     @property
     def quadratic(self) -> bool:  # the fused path skips the tiles a sparse pattern leaves empty
         return self.pattern.is_full
@@ -298,11 +307,15 @@ class SoftmaxAttention(Attention):
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """Fused kernels (SDPA; FlexAttention with the pattern's ``BlockMask`` on GPU) keep only
         per-row softmax statistics, ``O(T)``. A sparse pattern on CPU runs SDPA with its dense
-        additive bias: the bias, its masked copy and the boolean mask, ``T x T`` each, shared
-        by batch and heads."""
+        additive bias, ``T x T`` shared by batch and heads (filled block by block, see
+        :func:`~attn_lm.attention.functional.pattern_bias`); uneven heads on CPU materialise the
+        scores (the default model)."""
+        if not fused and self.uneven_heads:
+            return super().core_bytes(batch, seq_len, elem, backward, fused)
+        stats = float(batch * self.n_heads * seq_len * elem)
         if fused or self.pattern.is_full:
-            return float(batch * self.n_heads * seq_len * elem)
-        return 3.0 * seq_len**2 * elem + seq_len**2
+            return stats
+        return stats + seq_len**2 * elem
 
     def core_flops(self, batch, seq_len, backward):
         """``4 B H T^2 D x density`` (``Q K^T`` and ``P V`` over the scores the pattern allows);

@@ -62,8 +62,9 @@ class DiffAttention(SoftmaxAttention):
     description = "Differential Transformer: difference of two softmax maps (learned lambda) + per-head RMSNorm"
     family = "diff"
     exact = False
+    uneven_heads = True  # D/2-wide scores over D-wide values
     #: Head-sized tensors the fast path holds besides the maps' own cost: the four half-width
-    #: query/key copies, both maps' outputs and their combination (measured on CPU).
+    #: query/key copies, both maps' outputs and their combination.
     head_copies = 5
 
     @dataclass(frozen=True)
@@ -94,10 +95,13 @@ class DiffAttention(SoftmaxAttention):
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Two softmax maps under the pattern (each as :class:`SoftmaxAttention`) and
-        :attr:`head_copies` head-sized tensors."""
-        maps = 2 * super().core_bytes(batch, seq_len, elem, backward, fused)
-        return maps + self.head_copies * batch * self.n_heads * seq_len * self.head_dim * elem
+        """Two softmax maps under the pattern and :attr:`head_copies` head-sized tensors. On
+        the CPU's math kernel a forward holds one map's scores at a time (the default model's
+        three copies); with backward both maps' probabilities are saved, a fourth copy."""
+        heads = self.head_copies * batch * self.n_heads * seq_len * self.head_dim * elem
+        if not fused:
+            return heads + (4 / 3 if backward else 1) * super().core_bytes(batch, seq_len, elem, backward, fused)
+        return heads + 2 * super().core_bytes(batch, seq_len, elem, backward, fused)
 
     def core_flops(self, batch, seq_len, backward):
         """Two maps of ``D/2``-wide scores, each times ``D``-wide values: 1.5x softmax attention."""

@@ -83,7 +83,7 @@ import torch
 from torch import Tensor
 
 from ..positions import ALiBi
-from .base import MATERIALISED_COPIES, SoftmaxAttention
+from .base import SoftmaxAttention
 from .config import option
 from .factory import register
 from .functional import repeat_kv
@@ -275,6 +275,7 @@ class _BlockwiseAttention(SoftmaxAttention):
     """Shared plumbing: tiles of ``tile`` queries and keys, GQA heads expanded, stats."""
 
     family = "flash_blockwise"
+    kernel_of = "full"
     renamed_options = {"block_size": "tile"}
 
     @dataclass(frozen=True)
@@ -313,12 +314,14 @@ class FlashV1Attention(_BlockwiseAttention):
         return flash_v1_forward(q, k, v, grid)
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """With backward, autograd keeps every computed tile's probabilities: ``O(T k)`` for
-        ``k`` keys per query (with temporaries); forward only, ``O(T)`` like the fused kernels."""
+        """With backward, autograd keeps what every computed tile made: its probabilities
+        (``T k`` in all, for ``k`` keys per query) and the ``tile x D`` output block its update
+        wrote (``T k D / tile``); coefficients measured on CPU. Forward only, ``O(T)`` like the
+        fused kernels."""
         if not backward:
             return super().core_bytes(batch, seq_len, elem, backward, fused)
         keys = seq_len * self.pattern.density(seq_len)
-        return MATERIALISED_COPIES * batch * self.n_heads * seq_len * keys * elem
+        return (1.2 + 1.75 * self.head_dim / self.options.tile) * batch * self.n_heads * seq_len * keys * elem
 
 
 @register("flash_v2")

@@ -11,7 +11,9 @@ boolean mask, written out so tests (float64) and readers can see every step. Tim
   flash / cuDNN / memory-efficient kernels on GPU, the fused CPU kernel on CPU);
 * FlexAttention with the pattern's cached ``BlockMask`` (and ALiBi as a ``score_mod``) on GPU
   for sparse patterns, so empty tiles are skipped and no ``T x T`` mask is built;
-* SDPA with a dense additive bias otherwise (CPU, user masks, padded prompts). Decoding steps do
+* SDPA with a dense additive bias otherwise (CPU, user masks, padded prompts); without a user
+  mask or ALiBi the bias is filled row block by row block (:func:`pattern_bias`), so the only
+  ``T x S`` tensor is the bias itself. Decoding steps do
   not come here: they attend over a fixed-size cache explicitly
   (:func:`~attn_lm.attention.base.cached_attention`).
 
@@ -159,16 +161,37 @@ def softmax_attention(
         score_mod = alibi.score_mod() if alibi is not None else None
         block_mask = pattern.block_mask(q.shape[-2], k.shape[-2], q.device)
         return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
-    allowed = pattern.dense(q_pos, kv_pos)
-    bias = combine_custom_mask(allowed, mask, q.dtype)
-    if alibi is not None:
-        bias = bias + alibi.bias(q_pos, kv_pos, q.dtype)
-    empty_row = torch.isneginf(bias).all(dim=-1, keepdim=True)
+    if mask is None and alibi is None and q_pos.dim() == kv_pos.dim() == 1:
+        bias, empty_row = pattern_bias(pattern, q_pos, kv_pos, q.dtype)
+    else:
+        allowed = pattern.dense(q_pos, kv_pos)
+        bias = combine_custom_mask(allowed, mask, q.dtype)
+        if alibi is not None:
+            bias = bias + alibi.bias(q_pos, kv_pos, q.dtype)
+        empty_row = torch.isneginf(bias).all(dim=-1, keepdim=True)
+        bias = bias.masked_fill(empty_row, 0.0)  # an all -inf row would give NaN; it is zeroed below
     with sdpa_backends(q, backends, masked=True):
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.masked_fill(empty_row, 0.0), dropout_p=dropout_p, enable_gqa=gqa
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=gqa)
     return out.masked_fill(empty_row, 0.0)
+
+
+#: Entries of the ``rows x S`` block in which :func:`pattern_bias` evaluates a pattern.
+BIAS_BLOCK = 2**16
+
+
+def pattern_bias(pattern: MaskPattern, q_pos: Tensor, kv_pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The pattern as an additive ``[Tq, S]`` bias (``0`` / ``-inf``; ``0`` in a row without any
+    allowed key, which the caller zeroes) and those rows (``[Tq, 1]``), evaluated in blocks of about :data:`BIAS_BLOCK` entries: a
+    pattern's predicate makes integer temporaries (distances, block indices) several times the
+    size of the boolean result, which would otherwise all be ``T x S`` at once."""
+    bias = torch.empty(len(q_pos), len(kv_pos), dtype=dtype, device=q_pos.device)
+    empty = torch.empty(len(q_pos), 1, dtype=torch.bool, device=q_pos.device)
+    rows = max(1, BIAS_BLOCK // max(1, len(kv_pos)))
+    for a in range(0, len(q_pos), rows):
+        allowed = pattern.dense(q_pos[a:a + rows], kv_pos)
+        empty[a:a + rows] = ~allowed.any(dim=-1, keepdim=True)
+        bias[a:a + rows] = torch.where(allowed | empty[a:a + rows], 0.0, float("-inf"))
+    return bias, empty
 
 
 @functools.cache

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cache import RecurrentStateCache
-from .base import MATERIALISED_COPIES, Attention
+from .base import Attention
 from .config import option
 from .factory import register
 from .linear_scan import causal_linear_attention, noncausal_linear_attention, quadratic_linear_attention
@@ -69,10 +69,16 @@ class KernelizedAttention(Attention):
         return min(self.options.chunk_size, seq_len)
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Chunk scores ``T C``, query/key features ``2 T F`` and chunk states ``(T / C) F D``
-        per head, in at least float32, with temporaries."""
+        """Per head, in at least float32: chunk scores ``T C`` and chunk states ``(T / C) F D``
+        (two live copies each: the tensor and its masked / summed temporary) and the query/key
+        features ``2 T F`` (:meth:`feature_copies` copies)."""
         T, C, F_, D = seq_len, self.chunk(seq_len), self.feature_dim, self.head_dim
-        return MATERIALISED_COPIES * batch * self.n_heads * (T * C + 2 * T * F_ + T / C * F_ * D) * max(elem, 4)
+        per_head = 2 * T * C + self.feature_copies(backward) * 2 * T * F_ + 2 * T / C * F_ * D
+        return batch * self.n_heads * per_head * max(elem, 4)
+
+    def feature_copies(self, backward: bool) -> int:
+        """Live copies of the features at the peak (default: the features and the map's input)."""
+        return 2
 
     def core_flops(self, batch, seq_len, backward):
         """Per head ``2 T C (F + D)`` (intra-chunk scores and values) + ``4 T F D`` (chunk states
@@ -216,6 +222,9 @@ class PerformerAttention(KernelizedAttention):
 
     def feature_map_flops(self, seq_len):
         return 4 * seq_len * self.head_dim * self.feature_dim  # the random projection of q and k
+
+    def feature_copies(self, backward):
+        return 4 if backward else 2  # autograd keeps the exponent and its exp for both q and k (measured)
 
     def draw_features(self) -> Tensor:
         """``[m, d]`` orthogonal Gaussian rows (blocks of ``d``) with ``chi(d)`` norms."""

@@ -90,10 +90,11 @@ class ChunkedLowRankAttention(Attention):
         self.summary_len = getattr(self.options, self.summary_option)
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Each query scores its chunk and every summary: ``T (C + (T / C) p)`` per head, with
-        temporaries (causal form)."""
+        """Each query scores its chunk and every summary: ``T (C + (T / C) p)`` per head (causal
+        form), three live copies in a forward (scores, their concatenation, probabilities) and
+        4.5 with backward (plus the saved probabilities' gradients; measured on CPU)."""
         T, C, p = seq_len, min(self.chunk_size, seq_len), self.summary_len
-        return MATERIALISED_COPIES * batch * self.n_heads * T * (C + T / C * p) * elem
+        return (4.5 if backward else MATERIALISED_COPIES) * batch * self.n_heads * T * (C + T / C * p) * elem
 
     def core_flops(self, batch, seq_len, backward):
         """Per head, ``n = ceil(T / C)`` chunks: ``4 n C^2 D`` (own chunk) + ``4 n C (n p) D``

@@ -73,6 +73,7 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     family = "latent"
     exact = False
     cache_kind = "latent"
+    uneven_heads = True  # scores over rope_dim + D channels, values of D
 
     @dataclass(frozen=True)
     class Options:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import LayerCache
-from .base import MATERIALISED_COPIES, Attention
+from .base import Attention
 from .config import option
 from .factory import register
 from .functional import head_rms_norm
@@ -114,11 +114,18 @@ class MatrixStateAttention(Attention):
         super().__init__(config, dims)
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
+    def head_copies(self, backward: bool) -> int:
+        """Head-sized (``T x D``) float32 tensors live at the peak of a step: the copies of
+        ``q, k, v`` and the mechanism's decays (measured on CPU)."""
+        return 3
+
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Chunk scores ``T C``, the chunk states and the states before each chunk
-        ``2 (T / C) D^2`` and the float32 copies of ``q, k, v`` per head, with temporaries."""
+        """Per head, in at least float32: chunk scores ``T C`` and the states of and before each
+        chunk ``2 (T / C) D^2`` (1.5 copies each at the peak, measured) and
+        :meth:`head_copies` head-sized tensors."""
         T, C, D = seq_len, min(self.options.chunk_size, seq_len), self.head_dim
-        return MATERIALISED_COPIES * batch * self.n_heads * (T * C + 2 * T / C * D * D + 2 * T * D) * max(elem, 4)
+        per_head = 1.5 * (T * C + 2 * T / C * D * D) + self.head_copies(backward) * T * D
+        return batch * self.n_heads * per_head * max(elem, 4)
 
     def core_flops(self, batch, seq_len, backward):
         """Per head ``4 T C D`` (chunk-local scores and values) + ``4 T D^2`` (states); backward 2x more."""

@@ -54,6 +54,7 @@ class SDPAAttention(SoftmaxAttention):
         backend: str = option("auto", "auto", "math")  # auto | flash | efficient | cudnn | math
 
     description = "PyTorch fused scaled_dot_product_attention with a selectable backend"
+    kernel_of = "full"
 
     @classmethod
     def validate_options(cls, config, dims):
