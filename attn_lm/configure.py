@@ -124,7 +124,8 @@ def check_types(cfg: DictConfig) -> None:
     for section, schema in (("model", GPTConfig), ("attention", AttentionConfig)):
         hints = get_type_hints(schema)
         for key, value in _as_dict(cfg[section]).items():
-            if key in hints:
+            unset = value is None and section == "attention"  # null = unset: the default applies
+            if key in hints and not unset:
                 _check_field(f"{section}.{key}", value, hints[key])
     for key, rule in RUN_VALUES.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)

@@ -53,7 +53,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from _bench_common import DTYPES, MarkdownTable, describe_error, header, parse_mechanism_options, synchronize
-from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
+from attn_lm import GPT, AttentionFactory, GPTConfig
+from attn_lm.config import attention_config_from_dict
 from attn_lm.decoding import Decoder
 
 def parse_args() -> argparse.Namespace:
@@ -106,8 +107,9 @@ def copy_rate(device: torch.device) -> float:
 
 def build_model(name: str, args: argparse.Namespace, block_size: int, options: dict, dtype, device) -> GPT:
     torch.manual_seed(0)
-    attention = AttentionConfig(attention_type=name, **options.get(AttentionFactory.get_class(name).name, {}))
-    config = GPTConfig(vocab_size=args.vocab, block_size=block_size, n_layer=args.n_layer, d_model=args.d_model,
+    attention = attention_config_from_dict({"attention_type": name,
+                                            **options.get(AttentionFactory.get_class(name).name, {})})
+    config = GPTConfig(vocab_size=args.vocab, context_len=block_size, n_layer=args.n_layer, d_model=args.d_model,
                        n_heads=args.n_heads, position=args.position, attention=attention)
     return GPT(config).to(device=device, dtype=dtype).eval()
 

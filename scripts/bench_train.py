@@ -65,7 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
+from attn_lm import GPT, AttentionFactory, GPTConfig
+from attn_lm.config import attention_config_from_dict
 from attn_lm.lit_module import compile_for_training
 
 COLUMNS = ["name", "mode", "params (M)", "step ms", "tokens/s", "MFU %", "peak MB", "note"]
@@ -115,8 +116,8 @@ class ReferenceGPT(nn.Module):
 
 
 def gpt_config(mechanism: str, args) -> GPTConfig:
-    attention = AttentionConfig(attention_type=mechanism, **args.options.get(mechanism, {}))
-    return GPTConfig(vocab_size=args.vocab_size, block_size=args.seq_len, n_layer=args.n_layer,
+    attention = attention_config_from_dict({"attention_type": mechanism, **args.options.get(mechanism, {})})
+    return GPTConfig(vocab_size=args.vocab_size, context_len=args.seq_len, n_layer=args.n_layer,
                      d_model=args.d_model, n_heads=args.n_heads, bias=args.bias, attention=attention)
 
 
