@@ -97,7 +97,7 @@ def rewrite_arg(arg: str) -> str:
 
     * ``+attention.<key>=v`` -> ``++attention.<key>=v``: every attention option exists in the
       composed ``attention`` node (``conf/attention_options``), so the plain form reaches
-      :meth:`Attention.check_config`; Hydra would refuse to ``+``-add a key that exists;
+      :meth:`AttentionFactory.resolve`; Hydra would refuse to ``+``-add a key that exists;
     * ``ckpt=<path with = or ,>`` -> the path quoted, so a comparison's run directory can be passed
       as its folder is named (Hydra would read ``=`` as an error and ``,`` as a sweep)."""
     if arg.startswith("+attention."):

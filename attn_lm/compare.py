@@ -494,7 +494,7 @@ def rope_unsupported() -> dict[str, str]:
     reasons = {}
     for name in AttentionFactory.names():
         try:
-            AttentionFactory.get_class(name).check_config(AttentionConfig(attention_type=name, position="rope"))
+            AttentionFactory.resolve(AttentionConfig(attention_type=name, position="rope"))
         except ValueError as err:
             reasons[name] = str(err)
     return reasons

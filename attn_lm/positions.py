@@ -16,15 +16,15 @@ a model infer positions (Haviv et al., 2022; Kazemnejad et al., 2023).
 All attention-level encodings take *absolute* positions as tensors, so a cached decoding step
 at position ``p`` gets exactly the rotation / bias the full forward gives to token ``p``.
 
-Length extrapolation (running a model on sequences longer than the ``block_size`` it was trained
+Length extrapolation (running a model on sequences longer than the ``context_len`` it was trained
 on; ``tests/test_positions.py`` runs every scheme at twice the training length):
 
-* ``learned``: a table of ``block_size`` vectors, undefined past it -> ``ValueError``. Generation
-  keeps such a model inside its window by conditioning on the last ``block_size`` tokens.
+* ``learned``: a table of ``context_len`` vectors, undefined past it -> ``ValueError``. Generation
+  keeps such a model inside its window by conditioning on the last ``context_len`` tokens.
 * ``sinusoidal``: defined at every position, but the model never saw the vectors past
-  ``block_size``; quality typically collapses right after the training length (Press et al.).
+  ``context_len``; quality typically collapses right after the training length (Press et al.).
 * ``rope``: runs at any length and scores depend on ``n - m`` only, but distances longer than any
-  seen in training rotate pairs to unseen angles; perplexity degrades past ``block_size``.
+  seen in training rotate pairs to unseen angles; perplexity degrades past ``context_len``.
 * ``xpos``: RoPE plus a decay that damps the far, unseen distances; extrapolates better than
   ``rope``. The decay is folded into queries (``zeta^(n/scale_base)``) and keys
   (``zeta^(-m/scale_base)``) at absolute positions, so the factors leave the float32 range past
@@ -35,7 +35,7 @@ on; ``tests/test_positions.py`` runs every scheme at twice the training length):
 
 The attention mechanism can bound the length too, whatever the encoding: ``bigbird`` draws its
 random layout and ``cosformer`` its ``cos`` re-weighting horizon for ``max_seq_len`` (=
-``block_size``), and both raise a clear error past it.
+``context_len``), and both raise a clear error past it.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
         costs no device synchronisation (the model knows its offsets on the host)."""
         if end > self.max_len:
             raise ValueError(
-                f"learned positions are defined up to {self.max_len - 1} (block_size={self.max_len}), got position "
+                f"learned positions are defined up to {self.max_len - 1} (context_len={self.max_len}), got position "
                 f"{end - 1}; feed at most the last {self.max_len} tokens, or train with "
                 "position=alibi/rope/xpos/none to run past the training length"
             )

@@ -53,7 +53,7 @@ def test_accuracy_counts_scored_targets_only():
     from attn_lm.config import GPTConfig
     from attn_lm.lit_module import LitGPT
 
-    module = LitGPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, d_model=8, n_heads=2), {}, accuracy=True)
+    module = LitGPT(GPTConfig(vocab_size=8, context_len=4, n_layer=1, d_model=8, n_heads=2), {}, accuracy=True)
     metric = module.val_accuracy
     preds = torch.tensor([[1, 2, 3, 4]])
     metric.update(torch.nn.functional.one_hot(preds, 8).float().argmax(-1), torch.tensor([[1, -1, 0, 4]]))

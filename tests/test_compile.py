@@ -32,7 +32,7 @@ def training_graph_report(name: str, position: str, device: str = "cpu"):
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = AttentionConfig(attention_type=name, **({} if position == "learned" else {"position": position}))
-    config = GPTConfig(vocab_size=97, block_size=64, n_layer=2, d_model=64, n_heads=4,
+    config = GPTConfig(vocab_size=97, context_len=64, n_layer=2, d_model=64, n_heads=4,
                        position="learned" if position == "learned" else "none", attention=layer)
     model = GPT(config).to(device).train()
     idx, targets = (torch.randint(97, (2, 64), device=device) for _ in range(2))

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny_gpt(name: str = "full", position: str = "learned", block_size: int = 32, dropout: float = 0.0) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=V, block_size=block_size, n_layer=2, d_model=32, n_heads=4, dropout=dropout,
+    config = GPTConfig(vocab_size=V, context_len=block_size, n_layer=2, d_model=32, n_heads=4, dropout=dropout,
                        position=position, attention=small_config(name))
     return GPT(config).eval()
 
@@ -85,7 +85,7 @@ def test_batch_of_left_padded_prompts_equals_each_row_alone(name):
 def test_noncausal_layers_never_see_the_padding_of_shorter_rows(name):
     """Non-causal layers would attend to right padding: the prefill (cached or not) masks it."""
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=V, block_size=32, n_layer=2, d_model=32, n_heads=4, position="learned",
+    config = GPTConfig(vocab_size=V, context_len=32, n_layer=2, d_model=32, n_heads=4, position="learned",
                        attention=small_config(name, causal=False))
     model = GPT(config).eval()
     prompts = [torch.randint(0, V, (n,)) for n in (6, 3)]
@@ -183,7 +183,7 @@ def test_max_context_lets_relative_positions_read_past_block_size():
     decoder = Decoder(model, 23, max_context=16)
     list(decoder.stream(prompt, 20, temperature=0))
     assert decoder.caches[0].k.shape[2] == 16  # sized for the window; past it, steps re-run the window
-    with pytest.raises(ValueError, match="max_context=16 is longer than block_size=8, and learned positions"):
+    with pytest.raises(ValueError, match="max_context=16 is longer than context_len=8, and learned positions"):
         tiny_gpt("full", block_size=8).generate(prompt, 2, max_context=16)
 
 
@@ -286,7 +286,7 @@ def checkpoint(tmp_path_factory) -> Path:
     datamodule = LMDataModule(source="stdlib", max_chars=20000, cache_dir=str(root / "cache"))
     datamodule.prepare_data()
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=datamodule.vocab_size, block_size=16, n_layer=1, d_model=16, n_heads=2,
+    config = GPTConfig(vocab_size=datamodule.vocab_size, context_len=16, n_layer=1, d_model=16, n_heads=2,
                        position="rope")
     module = LitGPT(config, optim={"lr": 1e-3})
     path = root / "tiny.ckpt"

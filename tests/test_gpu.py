@@ -34,7 +34,7 @@ def test_compiled_fullgraph_step_equals_eager(name):
     from attn_lm.lit_module import compile_for_training
 
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, block_size=256, n_layer=2, d_model=128, n_heads=4,
+    config = GPTConfig(vocab_size=512, context_len=256, n_layer=2, d_model=128, n_heads=4,
                        attention=AttentionConfig(attention_type=name))
     model = GPT(config).cuda().train()
     idx, targets = (torch.randint(512, (4, 256), device="cuda") for _ in range(2))

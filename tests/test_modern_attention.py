@@ -48,7 +48,7 @@ def test_sink_decodes_ten_times_its_training_length_at_constant_memory():
 
 def test_sink_model_streams_past_block_size_with_constant_cache_bytes():
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=41, block_size=16, n_layer=2, d_model=32, n_heads=4, position="rope",
+    config = GPTConfig(vocab_size=41, context_len=16, n_layer=2, d_model=32, n_heads=4, position="rope",
                        attention=small_config("sink", window_size=4, num_sink_tokens=2))
     model = GPT(config).eval()
     prompt = torch.randint(0, 41, (1, 5))

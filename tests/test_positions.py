@@ -132,7 +132,7 @@ def test_sinusoidal_values_at_known_positions():
 # ------------------------------------------------------------------------------ every combination
 def tiny_gpt(name: str, position: str, block_size: int = 24, n_layer: int = 1) -> GPT:
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=37, block_size=block_size, n_layer=n_layer, d_model=32, n_heads=4,
+    config = GPTConfig(vocab_size=37, context_len=block_size, n_layer=n_layer, d_model=32, n_heads=4,
                        position=position, attention=small_config(name))
     return GPT(config).double().eval()
 
@@ -192,7 +192,7 @@ def test_relative_and_fixed_positions_run_at_twice_the_training_length(position)
 
 def test_learned_positions_cannot_extrapolate():
     model = tiny_gpt("full", "learned", block_size=16)
-    with pytest.raises(ValueError, match=r"learned positions are defined up to 15 \(block_size=16\), got position 31"):
+    with pytest.raises(ValueError, match=r"learned positions are defined up to 15 \(context_len=16\), got position 31"):
         model(torch.randint(0, 37, (1, 32)))
 
 

@@ -63,14 +63,14 @@ def finished_run(trained_run, tmp_path, monkeypatch) -> Path:
     ("model.n_layer=four", "model.n_layer='four' must be int"),
     ("trainer.max_steps=abc", "trainer.max_steps='abc' must be an integer >= -1"),
     ("optim.lr=-1", "optim.lr=-1 must be a positive number"),
-    ("attention.window_size=x", "attention.window_size='x' must be int or null"),
+    ("attention=local attention.window_size=x", "window_size='x' must be int for attention_type 'local'"),
 ])
 def test_wrong_types_name_the_key_before_the_data_is_read(tmp_path, smoke_overrides, monkeypatch, override, message):
     """The missing data file would be the error if the config were checked after reading the data."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         train(compose_cfg("train", [*smoke_overrides, "data=text_files", f"data.train={tmp_path / 'missing.txt'}",
-                                    override]))
+                                    *override.split()]))
 
 
 @pytest.mark.parametrize("args,line", [
@@ -152,7 +152,7 @@ def test_a_run_directory_is_enough_to_evaluate_and_generate(finished_run, tmp_pa
     result = evaluate(compose_cfg("evaluate", [f"ckpt={finished_run}", "trainer.enable_progress_bar=false",
                                                "split=validation"]))
     assert result["block_size"] == 24 and result["unit"] == "byte" and result["val/loss"] > 0
-    with pytest.raises(ValueError, match="block_size=64 is longer than the checkpoint's model.block_size=24"):
+    with pytest.raises(ValueError, match="block_size=64 is longer than the checkpoint's model.context_len=24"):
         evaluate(compose_cfg("evaluate", [f"ckpt={finished_run}", "block_size=64"]))
     text = generate(compose_cfg("generate", [f"ckpt={finished_run}", "prompt=abc", "max_new_tokens=5", "device=cpu"]))
     assert text["new_tokens"] == 5 and capsys.readouterr().out.startswith("abc")

@@ -78,8 +78,8 @@ def test_per_layer_attention_list_and_layer_options(tmp_path, smoke_overrides, m
     assert results["attention"] == ["sdpa", "sdpa", "full"]
     ckpt = __import__("torch").load(results["checkpoint"], map_location="cpu", weights_only=False)
     layers = ckpt["hyper_parameters"]["model_config"]["attention"]
-    # a bare name matching the selected group takes its command-line overrides; a mapping overrides its file
-    assert [layer["backend"] for layer in layers] == ["flash", "math", None]
+    # a bare name matching the selected group takes its command-line overrides; a mapping sets that layer's
+    assert [layer["options"].get("backend") for layer in layers] == ["flash", "math", None]
 
 
 def test_resume_continues_at_the_right_step(tmp_path, smoke_overrides, monkeypatch):
@@ -100,7 +100,8 @@ def test_multirun_sweeps_overrides(tmp_path, smoke_overrides):
 
 @pytest.mark.parametrize("override,match", [
     ("model.n_heads=3", "n_heads=3 does not divide d_model=32"),
-    ("data.block_size=64 model.block_size=32", "data.block_size=64 is larger than model.block_size=32"),
+    ("data.block_size=64 model.context_len=32", "data.block_size=64 is larger than model.context_len=32"),
+    ("data.block_size=64 model.block_size=32", "data.block_size=64 is larger than model.context_len=32"),
     ("attention.window_size=8", "option window_size=8 does not apply to attention_type 'full'"),
     ("model.layer_attention=[full]", "model.layer_attention has 1 entries but model.n_layer=4"),
 ])

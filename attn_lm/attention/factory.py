@@ -118,7 +118,7 @@ class AttentionFactory:
         (``dims``: also check the combination with the model's dimensions)."""
         cls = AttentionFactory.get_class(config.attention_type)
         resolved = dataclasses.replace(config, attention_type=cls.name, options=_typed_options(cls, config.options))
-        cls.check_config(resolved, dims)
+        cls.check_config(resolved.inherit(), dims)  # checked with the defaults of what it leaves unset
         return resolved
 
     @staticmethod
