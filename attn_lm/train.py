@@ -138,7 +138,7 @@ def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, data
             evaluator: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=[],
                                                enable_checkpointing=False, enable_model_summary=False)
             fresh = LitGPT(module.model_config, module.optim, compile=module.compile, on_nonfinite=module.on_nonfinite,
-                           accuracy=module.accuracy)
+                           accuracy=module.accuracy, compile_mode=module.compile_mode)
             results.append(getattr(evaluator, stage)(fresh, datamodule=datamodule, ckpt_path=str(final),
                                                      verbose=False)[0])
     return results[0], (results[1] if len(results) > 1 else {})
@@ -203,7 +203,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         torch._dynamo.reset()
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")),
-                    accuracy=bool(getattr(datamodule, "reports_accuracy", False)))
+                    accuracy=bool(getattr(datamodule, "reports_accuracy", False)),
+                    compile_mode=str(cfg.get("compile_mode", "default")))
     announce(f"run directory: {out}" + (f" (resuming {resume})" if resume else ""),
              run_summary(cfg, module.model, datamodule))
     if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
