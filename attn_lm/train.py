@@ -21,12 +21,13 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar, TextSampler
+from .callbacks import (KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepLogger, StepProgressBar,
+                        TextSampler)
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry, one_line_errors
 from .config import GPTConfig
@@ -224,7 +225,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler = [TextSampler(datamodule.tokenizer, int(cfg.sample_every), int(cfg.sample_tokens))] if cfg.get(
         "sample_every") and datamodule.tokenizer is not None else []
     callbacks = [*warmup, checkpoint, *periodic, speed, clock, *sampler, NonFiniteLossGuard()] + (
-        [LearningRateMonitor("step")] if loggers else [])
+        [StepLogger()] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,

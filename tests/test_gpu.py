@@ -92,3 +92,39 @@ def test_training_run_with_cuda_graphs(tmp_path, monkeypatch, smoke_overrides):
                                  "trainer.max_steps=30", "trainer.val_check_interval=15", "progress_refresh=5",
                                  "trainer.enable_progress_bar=true", "test_after_training=false"]))
     assert torch.isfinite(torch.tensor(results["val_loss"])), results
+
+
+def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, smoke_overrides):
+    """From the first training step to the first validation, nothing in the loop waits for the
+    GPU: the progress bar, the loggers (loss, learning rate, speed windows) and the non-finite
+    check read device values one interval late, at their intervals. Any synchronizing call in
+    that stretch is reported by CUDA's sync debug mode, with where it came from."""
+    import traceback
+    import warnings
+
+    from attn_lm.lit_module import LitGPT
+    from attn_lm.train import train
+
+    from .test_train import compose_cfg
+
+    syncs: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            syncs.append("".join(traceback.format_stack(limit=8)[:-1]))
+
+    def start(self):
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", record)
+        torch.cuda.set_sync_debug_mode("warn")
+
+    monkeypatch.setattr(LitGPT, "on_train_start", start, raising=False)
+    monkeypatch.setattr(LitGPT, "on_validation_start", lambda self: torch.cuda.set_sync_debug_mode(0), raising=False)
+    monkeypatch.chdir(tmp_path)
+    try:
+        train(compose_cfg([*smoke_overrides, "trainer=gpu", "compile=false", "trainer.max_steps=30",
+                           "trainer.val_check_interval=30", "trainer.log_every_n_steps=5", "progress_refresh=2",
+                           "trainer.enable_progress_bar=true", "test_after_training=false", "logger=csv"]))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not syncs, f"{len(syncs)} host syncs during training; the first at:\n{syncs[0]}"
