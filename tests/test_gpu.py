@@ -114,9 +114,9 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, monkeypatch, smoke_over
             syncs.append("".join(traceback.format_stack(limit=8)[:-1]))
 
     def start(self):
+        torch.cuda.set_sync_debug_mode("warn")  # first: switching it on issues a notice of its own
         warnings.simplefilter("always")
         monkeypatch.setattr(warnings, "showwarning", record)
-        torch.cuda.set_sync_debug_mode("warn")
 
     monkeypatch.setattr(LitGPT, "on_train_start", start, raising=False)
     monkeypatch.setattr(LitGPT, "on_validation_start", lambda self: torch.cuda.set_sync_debug_mode(0), raising=False)
