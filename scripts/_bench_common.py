@@ -216,8 +216,8 @@ def parse_mechanism_options(values: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not (sep and dot and mech and option):
             raise SystemExit(f"--options expects MECHANISM.OPTION=VALUE (e.g. local.window_size=512), got {item!r}")
         name = AttentionFactory.get_class(mech).name
-        flag = {"true": True, "false": False}.get(value.lower())
-        options.setdefault(name, {})[option] = int(value) if value.lstrip("-").isdigit() else value if flag is None else flag
+        flag = {"true": True, "false": False}.get(value.lower(), value)
+        options.setdefault(name, {})[option] = int(value) if value.lstrip("-").isdigit() else flag
     return options
 
 

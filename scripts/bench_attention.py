@@ -42,8 +42,8 @@ Columns
   recomputed). Retention and GLA (chunk ``C``): ``4 T C D + 4 T D^2``; DeltaNet: ``10 T C D + 6 T D^2``
   (``K K^T``, ``Q K^T``, the two triangular solves for ``u`` and ``w``, ``P w``, ``P u``; the
   state read, its correction ``w S`` and its update); gla and deltanet take their keys, which
-  carry per-token gates, from their own projection of random ``x``. ``--whole-module`` adds the projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for
-  fwd+bwd). Mechanisms outside these families report no FLOPs;
+  carry per-token gates, from their own projection of random ``x``. ``--whole-module`` adds the
+  projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for fwd+bwd). Mechanisms outside these families report no FLOPs;
 * ``peak MB``: peak allocated CUDA memory during one call, inputs included;
 * ``vs SDPA``: ``best_sdpa_ms / ms`` against the fastest SDPA backend on the same shape and mode
   (``> 1`` = faster than PyTorch's best fused kernel);

@@ -326,7 +326,8 @@ def test_deltanet_layer_gates_masks_and_options():
     assert (plain.project(x, None)[1][..., -1] == 0).all()  # alpha = 1 without the gate
     with pytest.raises(ValueError, match="non-linear function of every earlier key"):
         plain(x, mask=torch.ones(6, 6, dtype=torch.bool))
-    for bad, match in ((dict(gated=1), "gated must be true or false"), (dict(kernel="triton"), "kernel must be one of")):
+    for bad, match in ((dict(gated=1), "gated must be true or false"),
+                       (dict(kernel="triton"), "kernel must be one of")):
         with pytest.raises(ValueError, match=match):
             build("deltanet", **bad)
     cache = layer.new_cache(1, 6, torch.float64, "cpu")
