@@ -105,9 +105,9 @@ class DeltaNetAttention(MatrixStateAttention):
 
     @classmethod
     def validate_options(cls, config):
-        super().validate_options(config)
         if config.gated is not None and not isinstance(config.gated, bool):
             raise ValueError(f"gated must be true or false for attention_type {cls.name!r}, got {config.gated!r}")
+        super().validate_options(config)
 
     def __init__(self, config):
         super().__init__(config)

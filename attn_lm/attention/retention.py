@@ -104,10 +104,10 @@ class MatrixStateAttention(Attention):
 
     @classmethod
     def validate_options(cls, config):
-        super().validate_options(config)
-        if config.kernel is not None and config.kernel not in KERNELS:
+        if config.kernel is not None and config.kernel not in KERNELS:  # before the generic "positive integer"
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)} for attention_type {cls.name!r}, "
                              f"got {config.kernel!r}")
+        super().validate_options(config)
 
     def __init__(self, config):
         super().__init__(config)
