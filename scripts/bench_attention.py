@@ -212,8 +212,11 @@ class Mechanism:
         """Fast path in ``dtype`` vs a float32 reference on fresh inputs (module docstring)."""
         m = self.module
         gen = torch.Generator(device=device).manual_seed(1)
-        q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
-                   for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
+        if carries_gates(m):
+            q, k, v = (t.float() for t in gated_inputs(m, 1, T, device, dtype, gen))
+        else:
+            q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
+                       for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
         pos = torch.arange(T, device=device)
         with torch.no_grad():
             out = self.core(q.to(dtype), k.to(dtype), v.to(dtype)).float()
@@ -241,6 +244,19 @@ def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.
         return torch.autograd.grad(fn(*inputs), leaves, grad)
 
     return forward_backward
+
+
+def carries_gates(module: Attention) -> bool:
+    """gla and deltanet append per-token gates to each key in ``project``: random keys would carry
+    invalid gates (a log-decay above 0, a beta outside (0, 1))."""
+    return isinstance(module, (GatedLinearAttention, DeltaNetAttention))
+
+
+def gated_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
+    """``q, k, v`` of such a mechanism: its own projection of random ``x`` (no grad)."""
+    x = torch.randn(B, T, module.config.d_model, device=device, dtype=dtype, generator=generator)
+    with torch.no_grad():
+        return list(module.project(x, None))
 
 
 def random_inputs(shapes: list[tuple[int, ...]], mode: str, device, dtype) -> list[Tensor]:
@@ -377,7 +393,11 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
     q_shape, kv_shape = (shape.B, m.n_heads, shape.T, shape.D), (shape.B, m.n_kv_heads, shape.T, shape.D)
 
     def core_step():
-        inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
+        if carries_gates(m):
+            torch.manual_seed(0)
+            inputs = [t.requires_grad_(mode == "fwd+bwd") for t in gated_inputs(m, shape.B, shape.T, device, dtype)]
+        else:
+            inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
         return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])
 
     sweep.run(sweep.new_row(name, shape, mode, scope="core", **fields), (name, "core", shape.D, mode), core_step,

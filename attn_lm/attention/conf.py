@@ -1,8 +1,9 @@
 """The Hydra ``attention`` config group, generated from the registry.
 
-``conf/attention/<name>.yaml`` names one registered mechanism and nothing else: its options take
-the defaults of its ``Options`` dataclass unless overridden (``attention=local
-attention.window_size=32``). ``conf/attention_options/unset.yaml`` lists every key of the
+``conf/attention/<name>.yaml`` names one registered mechanism (or alias) and nothing else: its
+options take the defaults of its ``Options`` dataclass unless overridden (``attention=local
+attention.window_size=32``). Other files of the group are hand-written presets (a mechanism
+with other option values, ``gated_deltanet.yaml``). ``conf/attention_options/unset.yaml`` lists every key of the
 ``attention`` node as ``null`` (= unset) and is composed under ``attention`` before the selected
 file, so that any option is a plain override: one the selected mechanism does not take reaches
 its own check (``option window_size=64 does not apply to attention_type 'full'``) instead of
@@ -50,7 +51,10 @@ def stale_files(conf_dir: Path) -> list[str]:
     files = group_files()
     stale = [path for path, text in files.items()
              if not (conf_dir / path).is_file() or (conf_dir / path).read_text() != text]
-    extra = [f"attention/{p.name}" for p in (conf_dir / "attention").glob("*.yaml") if f"attention/{p.name}" not in files]
+    # A generated file no mechanism generates any more; hand-written presets (a mechanism with other
+    # option values, e.g. gated_deltanet.yaml) are not generated and stay.
+    extra = [f"attention/{p.name}" for p in (conf_dir / "attention").glob("*.yaml")
+             if f"attention/{p.name}" not in files and p.read_text().startswith(HEADER)]
     return sorted(stale + extra)
 
 

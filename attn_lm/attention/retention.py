@@ -40,6 +40,7 @@ from ..cache import LayerCache
 from .base import Attention
 from .config import option
 from .factory import register
+from .fla_kernels import KERNELS, run_fla, wants_fla
 from .functional import head_rms_norm
 from .masks import MaskPattern, combine_custom_mask
 
@@ -93,9 +94,10 @@ class RetentionStateCache(LayerCache):
 
 class MatrixStateAttention(Attention):
     """Causal softmax-free attention whose decoding cache is one ``D x D`` state per head and
-    whose heads are RMS-normalised (retention, gla). Subclasses give ``prepare`` (float32 tensors
-    and their decay), the chunkwise ``scan``, the one-token decay of the state and the weights
-    that decay each prompt key to its row's last token; the dispatch is shared."""
+    whose heads are RMS-normalised (retention, gla, deltanet). Subclasses give ``prepare`` (float32
+    tensors and their decay), the chunkwise ``scan`` and its fla kernel (``fla_scan``), the
+    one-token decay of the state and the weights that decay each prompt key to its row's last
+    token; the dispatch is shared. ``kernel``: ``auto`` / ``torch`` / ``fla`` (:mod:`.fla_kernels`)."""
 
     family = "recurrent_state"
     exact = False
@@ -104,11 +106,18 @@ class MatrixStateAttention(Attention):
     noncausal_unsupported = ("it is a recurrence over earlier tokens: a decayed state (the parallel form's mask "
                              "is lower-triangular); use full or linear attention for a non-causal layer")
 
-
     @dataclass(frozen=True)
     class Options:
         #: Chunkwise form: the parallel form inside chunks of this many tokens, the state across.
         chunk_size: int = option(64, 4, *range(4, 10))
+        #: auto (fla's kernel when installed and on GPU) | torch | fla (see fla_kernels).
+        kernel: str = option("auto", "auto", "torch")
+
+    @classmethod
+    def validate_options(cls, config, dims):
+        if config.options.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)} for attention_type {cls.name!r}, "
+                             f"got {config.options.kernel!r}")
 
     def __init__(self, config, dims):
         super().__init__(config, dims)
@@ -141,6 +150,10 @@ class MatrixStateAttention(Attention):
         """The chunkwise form: output and the state after the last token."""
         raise NotImplementedError
 
+    def fla_scan(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, fallback) -> Tensor:
+        """The output of ``scan`` through fla's kernel (inputs in the layer's dtype), or ``fallback()``."""
+        raise NotImplementedError
+
     def decay_state(self, state: Tensor, decay: Tensor) -> Tensor:
         """The state carried over one token."""
         raise NotImplementedError
@@ -157,7 +170,10 @@ class MatrixStateAttention(Attention):
         if mask is not None:  # the quadratic form masks any key; the scan cannot
             return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
         q32, k32, v32, decay = self.prepare(q, k, v)
-        return self.finish(self.scan(q32, k32, v32, decay)[0], v)
+        scan = lambda: self.scan(q32, k32, v32, decay)[0]  # noqa: E731
+        if wants_fla(self.options.kernel, q):
+            return self.finish(self.fla_scan(*(t.to(v.dtype) for t in (q32, k32, v32)), decay, scan), v)
+        return self.finish(scan(), v)
 
     def make_cache(self, batch, max_len, dtype, device):
         return RetentionStateCache(batch, self.n_heads, self.head_dim, torch.promote_types(dtype, torch.float32),
@@ -209,6 +225,10 @@ class RetentionAttention(MatrixStateAttention):
 
     def scan(self, q, k, v, decay, state=None):
         return chunked_retention(q, k, v, decay, self.options.chunk_size, state)
+
+    def fla_scan(self, q, k, v, decay, fallback):
+        # fla's chunk_retention uses the same per-head decays 1 - 2^(-5-h); k is already scaled
+        return run_fla("retention", "chunk_retention", fallback, q, k, v, scale=1.0)
 
     def decay_state(self, state, decay):
         return decay.exp()[:, None, None] * state
