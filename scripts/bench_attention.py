@@ -247,14 +247,14 @@ def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.
 
 
 def carries_gates(module: Attention) -> bool:
-    """gla and deltanet append per-token gates to each key in ``project``: random keys would carry
-    invalid gates (a log-decay above 0, a beta outside (0, 1))."""
-    return isinstance(module, (GatedLinearAttention, DeltaNetAttention))
+    """Mechanisms whose ``project`` appends per-token gates to each key (``keys_carry_gates``):
+    random keys would carry invalid gates (a log-decay above 0, a beta outside (0, 1))."""
+    return module.keys_carry_gates
 
 
 def gated_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
     """``q, k, v`` of such a mechanism: its own projection of random ``x`` (no grad)."""
-    x = torch.randn(B, T, module.config.d_model, device=device, dtype=dtype, generator=generator)
+    x = torch.randn(B, T, module.dims.d_model, device=device, dtype=dtype, generator=generator)
     with torch.no_grad():
         return list(module.project(x, None))
 

@@ -71,6 +71,9 @@ class Attention(nn.Module):
     quadratic: ClassVar[bool] = True
     #: Queries from ``x``, keys/values from ``context`` (cross-attention).
     uses_context: ClassVar[bool] = False
+    #: ``project`` appends per-token gates to each key (gla, deltanet): ``attend`` needs keys that
+    #: came from ``project``, not arbitrary tensors (benchmarks feed it projected inputs).
+    keys_carry_gates: ClassVar[bool] = False
     #: The mechanism whose function this one computes with another kernel (``sdpa`` and the
     #: tile-by-tile teaching code compute ``full``): a row of the speed tables, not of quality
     #: comparisons (``None``: a function of its own).
