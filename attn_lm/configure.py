@@ -174,7 +174,9 @@ def scale_structure(cfg: DictConfig) -> dict[str, int]:
     mechanism = AttentionFactory.get_class(cfg.attention.attention_type)
     config = AttentionFactory.resolve(attention_config_from_dict(_as_dict(cfg.attention)))
     option = mechanism.covering_option(config)
-    if option is None or f"attention.{option}" in command_line_keys(cfg):
+    given = command_line_keys(cfg)
+    old_names = [old for old, new in mechanism.renamed_options.items() if new == option]
+    if option is None or any(f"attention.{name}" in given for name in (option, *old_names)):
         return {}
     size = max(1, int(int(cfg.data.block_size) * float(fraction)))
     sizes = {option: size}
