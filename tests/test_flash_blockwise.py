@@ -1,8 +1,6 @@
 """flash_v1 / flash_v2: the tiled online-softmax algorithms equal dense softmax attention."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -10,12 +8,13 @@ import yaml
 from attn_lm import AttentionFactory
 from attn_lm.attention.flash_blockwise import FlashV2Function, TileGrid, flash_v2_forward
 from attn_lm.attention.functional import reference_attention
+from attn_lm.cli import CONF_DIR
 from attn_lm.config import attention_config_from_dict
 
 from .helpers import build
 
 NAMES = ["flash_v1", "flash_v2"]
-CONF = Path(__file__).resolve().parents[1] / "conf" / "attention"
+CONF = CONF_DIR / "attention"
 
 
 def qkv(T, dtype, heads=4, kv_heads=4, d=8, batch=2):

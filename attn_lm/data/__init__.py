@@ -11,12 +11,12 @@ Typical use (what Hydra does with ``conf/data/<preset>.yaml``)::
     dm.extra_metrics("validation", mean_val_loss)   # {"bits_per_<dm.unit>": ...}, e.g. bits_per_byte
 
 Modules: :mod:`~attn_lm.data.sources` (text of each split), :mod:`~attn_lm.data.tokenizers`,
-:mod:`~attn_lm.data.cache` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
+:mod:`~attn_lm.data.token_store` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
 (training and evaluation windows) and :mod:`~attn_lm.data.datamodule`; :mod:`~attn_lm.data.sharded`
 tokenizes ``hub`` datasets bigger than memory into shard memmaps (``sharded=True``).
 """
 
-from .cache import ShardedTokenArray, TokenArray
+from .token_store import ShardedTokenArray, TokenArray
 from .datamodule import LMDataModule
 from .mqar import MQARDataModule
 from .sharded import ShardingOptions, open_or_build_sharded
