@@ -1,9 +1,13 @@
 """Lightning callbacks around a run: :class:`SpeedMonitor` measures throughput (tokens/s), step
-time, peak memory and an MFU estimate, timing windows of ``log_every_n_steps`` steps with a host
-clock and synchronizing the device only at window boundaries, so the training step itself never
-waits on the host; :class:`StepProgressBar` reads the loss only when it refreshes;
-:class:`KernelWarmup` compiles kernels before a wall-clock budget starts;
+time, peak memory and an MFU estimate over windows of ``log_every_n_steps`` steps;
+:class:`StepLogger` logs the training loss and learning rate; :class:`StepProgressBar` shows the
+loss when it refreshes; :class:`KernelWarmup` compiles kernels before a wall-clock budget starts;
 :class:`NonFiniteLossGuard` stops a run at a non-finite loss.
+
+None of them waits for the device during training: a host read of a CUDA tensor (``float(t)``)
+waits for every kernel queued so far, and the GPU then idles while the host prepares the next
+step (benchmarks/RESULTS.md 3f). They read device values one interval late instead
+(:class:`LaggedRead`), and time windows with CUDA events.
 """
 from __future__ import annotations
 
@@ -20,20 +24,84 @@ from .devices import device_name, peak_memory_mb, reset_peak_memory, synchronize
 log = logging.getLogger(__name__)
 
 
+class LaggedRead:
+    """A device value read on the host one read late, without waiting for the device.
+
+    ``swap(value, tag)`` queues a copy of ``value`` into pinned host memory behind the work on the
+    current stream, and returns the ``(tag, host value)`` that the previous ``swap`` queued
+    (``None`` the first time). Swaps happen at intervals of many steps, so the previous copy has
+    long finished and waiting for it costs nothing. Every rank swaps at the same steps and gets
+    the same sequence of values, so decisions taken on them agree across ranks. ``flush()``
+    returns the last queued value, waiting for it (end of training). Off CUDA a copy is done at once.
+    """
+
+    def __init__(self) -> None:
+        self._queued: Optional[tuple[Any, torch.Tensor, Optional[torch.cuda.Event]]] = None
+
+    def swap(self, value: torch.Tensor, tag: Any = None) -> Optional[tuple[Any, torch.Tensor]]:
+        previous = self.flush()
+        value = value.detach()
+        if value.device.type != "cuda":
+            self._queued = (tag, value.clone(), None)
+            return previous
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        host.copy_(value, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        self._queued = (tag, host, copied)
+        return previous
+
+    def flush(self) -> Optional[tuple[Any, torch.Tensor]]:
+        if self._queued is None:
+            return None
+        tag, host, copied = self._queued
+        self._queued = None
+        if copied is not None:
+            copied.synchronize()  # waits for this copy only, not for the kernels queued after it
+        return tag, host
+
+
+class WindowClock:
+    """Marks on the device's timeline: CUDA events on a GPU (their elapsed time includes any idle
+    time of the stream between them; recording one does not wait), ``perf_counter`` elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds between two marks (waits for ``end`` on a GPU)."""
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
 class SpeedMonitor(L.Callback):
     """Logs ``perf/tokens_per_s``, ``perf/step_ms``, ``perf/mfu`` and ``perf/peak_mem_mb``.
 
     ``peak_flops`` is the device's achievable bf16/fp32 matmul rate used for MFU (``None`` =
-    leave MFU out). The run-level averages (first window excluded as warm-up when there are
-    several) are kept in :attr:`summary` for ``results.json``.
+    leave MFU out). A window of ``log_every_n_steps`` steps runs from one mark of a
+    :class:`WindowClock` to the next; it is measured and logged when the next window closes (its
+    end mark has long passed by then), and at validation and the end of training. The run-level
+    averages (first window excluded as warm-up when there are several) are kept in
+    :attr:`summary` for ``results.json``.
     """
 
     def __init__(self, peak_flops: Optional[float] = None):
         self.peak_flops = peak_flops
         self.windows: list[tuple[int, float, int]] = []  # (steps, seconds, tokens)
-        self._t0: Optional[float] = None
+        self._clock: Optional[WindowClock] = None
+        self._start: Any = None  # the open window's start mark
         self._steps = 0
         self._tokens = 0
+        self._closed: list[tuple[int, int, Any, Any, int, float]] = []  # not yet measured
         self._fit_start: Optional[float] = None
         self.train_seconds = 0.0
         #: Peak memory and device name, read at the end of training (Lightning moves the module
@@ -43,49 +111,58 @@ class SpeedMonitor(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         reset_peak_memory(pl_module.device)
+        self._clock = WindowClock(pl_module.device)
         self._fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._t0 is None:
-            synchronize(pl_module.device)
-            self._t0 = time.perf_counter()
+        if self._start is None:
+            self._start = self._clock.mark()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._steps += 1
         self._tokens += batch[0].numel() * trainer.world_size  # every rank trains on its own batch
         if self._steps >= max(1, trainer.log_every_n_steps):
             self._close_window(trainer, pl_module)
+            self._measure(trainer, pl_module, keep_last=True)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         # Evaluation time is not training time: close the open window before it.
         if self._steps:
             self._close_window(trainer, pl_module)
-        self._t0 = None
+        self._measure(trainer, pl_module)
+        self._start = None
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._steps:
             self._close_window(trainer, pl_module)
+        self._measure(trainer, pl_module)
         if self._fit_start is not None:
             self.train_seconds = time.perf_counter() - self._fit_start
         self.peak_memory = peak_memory_mb(pl_module.device)
         self.device_name = device_name(pl_module.device)
 
     def _close_window(self, trainer, pl_module) -> None:
-        synchronize(pl_module.device)
-        now = time.perf_counter()
-        seconds = now - (self._t0 if self._t0 is not None else now)
-        self.windows.append((self._steps, seconds, self._tokens))
-        if seconds > 0:
-            tps = self._tokens / seconds
-            metrics = {"perf/tokens_per_s": tps, "perf/step_ms": 1000 * seconds / self._steps,
-                       "perf/peak_mem_mb": peak_memory_mb(pl_module.device)[0]}
+        end = self._clock.mark()
+        self._closed.append((self._steps, self._tokens, self._start, end, trainer.global_step,
+                             peak_memory_mb(pl_module.device)[0]))
+        self._start, self._steps, self._tokens = end, 0, 0
+
+    def _measure(self, trainer, pl_module, keep_last: bool = False) -> None:
+        """Measure and log the closed windows (all but the newest with ``keep_last``)."""
+        while len(self._closed) > int(keep_last):
+            steps, tokens, start, end, step, peak_mb = self._closed.pop(0)
+            seconds = self._clock.seconds(start, end)
+            self.windows.append((steps, seconds, tokens))
+            if seconds <= 0:
+                continue
+            tps = tokens / seconds
+            metrics = {"perf/tokens_per_s": tps, "perf/step_ms": 1000 * seconds / steps, "perf/peak_mem_mb": peak_mb}
             mfu = self._mfu(pl_module, tps / trainer.world_size)
             if mfu is not None:
                 metrics["perf/mfu"] = mfu
             if trainer.is_global_zero:
                 for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
-        self._t0, self._steps, self._tokens = now, 0, 0
+                    logger.log_metrics(metrics, step=step)
 
     def _mfu(self, pl_module, tokens_per_s: float) -> Optional[float]:
         """Model FLOPs utilisation of one device (``tokens_per_s`` per device, ``peak_flops`` per device)."""
@@ -156,19 +233,23 @@ class KernelWarmup(L.Callback):
 class NonFiniteLossGuard(L.Callback):
     """Stops training at the first non-finite loss (``on_nonfinite=stop``).
 
-    The module books non-finite losses on the device; this callback reads the flag every
-    ``log_every_n_steps`` steps and before every validation (so before any checkpoint is written:
-    the last checkpoint on disk predates the bad step) and at the end of training. The flag is
-    reduced over ranks so all of them stop together.
+    The module books non-finite losses on the device. Every ``log_every_n_steps`` steps this
+    callback queues a host copy of the first bad step (reduced over ranks, so all of them stop
+    together) and acts on the copy queued one interval before (:class:`LaggedRead`): a bad step
+    stops the run at most two intervals later, with no wait for the device. Before every
+    validation (so before any checkpoint is written: the last checkpoint on disk predates the
+    bad step) and at the end of training it reads the flag at once.
     """
 
-    def _check(self, trainer, pl_module) -> None:
-        if pl_module.on_nonfinite != "stop":
-            return
-        never = torch.iinfo(torch.int64).max
+    def __init__(self) -> None:
+        self._lagged = LaggedRead()
+
+    def _first_bad_step(self, trainer, pl_module) -> torch.Tensor:
         first = pl_module.nonfinite_first_step
-        first = trainer.strategy.reduce(torch.where(first < 0, torch.full_like(first, never), first), reduce_op="min")
-        if int(first) != never:
+        return trainer.strategy.reduce(torch.where(first < 0, torch.full_like(first, NEVER), first), reduce_op="min")
+
+    def _stop_if_bad(self, trainer, first: torch.Tensor) -> None:
+        if int(first) != NEVER:
             raise FloatingPointError(
                 f"non-finite training loss at step {int(first)}: training stopped; checkpoints written before that "
                 f"step are kept (last: {getattr(trainer.checkpoint_callback, 'last_model_path', '') or 'none yet'}). "
@@ -176,26 +257,76 @@ class NonFiniteLossGuard(L.Callback):
                 "on_nonfinite=skip to zero the gradients of such steps instead"
             )
 
+    def _check_now(self, trainer, pl_module) -> None:
+        if pl_module.on_nonfinite == "stop":
+            self._lagged.flush()
+            self._stop_if_bad(trainer, self._first_bad_step(trainer, pl_module))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
-            self._check(trainer, pl_module)
+        if pl_module.on_nonfinite == "stop" and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            previous = self._lagged.swap(self._first_bad_step(trainer, pl_module))
+            if previous is not None:
+                self._stop_if_bad(trainer, previous[1])
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.training:
-            self._check(trainer, pl_module)
+            self._check_now(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._check(trainer, pl_module)
+        self._check_now(trainer, pl_module)
+
+
+#: No non-finite loss yet (the first bad step is reduced with ``min`` over ranks).
+NEVER = torch.iinfo(torch.int64).max
+
+
+class StepLogger(L.Callback):
+    """Logs ``train/loss`` and ``lr`` every ``log_every_n_steps`` optimizer steps, at the step
+    that produced them. The loss is read one interval late (:class:`LaggedRead`; the last one at
+    the end of training): Lightning's ``self.log`` would read it from the device at once. The
+    learning rate is the optimizer's own float, never a device tensor."""
+
+    def __init__(self) -> None:
+        self._loss = LaggedRead()
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # the optimizer step this batch completed (0-based)
+        loss = getattr(pl_module, "last_train_loss", None)
+        if loss is None or step == self._last_step or trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        self._last_step = step
+        self._log(trainer, self._loss.swap(loss, tag=step))
+        if trainer.is_global_zero and trainer.optimizers:
+            lr = {"lr" if i == 0 else f"lr/group{i}": float(group["lr"])
+                  for i, group in enumerate(trainer.optimizers[0].param_groups)}
+            for logger in trainer.loggers:
+                logger.log_metrics(lr, step=step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._log(trainer, self._loss.flush())
+
+    def _log(self, trainer, read: Optional[tuple[int, torch.Tensor]]) -> None:
+        if read is None or not trainer.is_global_zero:
+            return
+        step, loss = read
+        for logger in trainer.loggers:
+            logger.log_metrics({"train/loss": float(loss)}, step=step)
 
 
 class StepProgressBar(TQDMProgressBar):
     """Lightning's progress bar counting optimizer steps towards ``max_steps`` over the whole run.
 
     Budgets here are steps (epochs only mark ``samples_per_epoch`` windows), so the bar neither
-    restarts at each epoch nor shows an epoch number or the logger's version. It shows the
-    training loss only when it refreshes, read from ``pl_module.last_train_loss``: a metric
-    logged with ``prog_bar=True`` is read from the device after every batch (a host sync per
-    step)."""
+    restarts at each epoch nor shows an epoch number or the logger's version. At each refresh it
+    shows the training loss of the previous refresh (:class:`LaggedRead` of
+    ``pl_module.last_train_loss``): a metric logged with ``prog_bar=True`` is read from the device
+    after every batch, and even one read per refresh would make the GPU wait."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loss = LaggedRead()
+        self._shown: Optional[str] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -222,7 +353,11 @@ class StepProgressBar(TQDMProgressBar):
         metrics.pop("v_num", None)
         loss = getattr(pl_module, "last_train_loss", None)
         if loss is not None and trainer.training:
-            metrics["loss"] = f"{float(loss):.4g}"
+            previous = self._loss.swap(loss)
+            if previous is not None:
+                self._shown = f"{float(previous[1]):.4g}"
+        if self._shown is not None:
+            metrics["loss"] = self._shown
         return metrics
 
 

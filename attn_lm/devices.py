@@ -38,9 +38,9 @@ def synchronize(device: torch.device) -> None:
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start measuring a new peak: the CUDA allocator's, or on Linux the process's peak RSS, so a
-    run in a reused worker process (``hydra/launcher=joblib``) reports its own peak."""
+    run in a reused worker process (``hydra/launcher=joblib``) reports its own peak. Neither waits
+    for the device: the allocator books memory when work is queued, on the host."""
     if device.type == "cuda":
-        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     elif CLEAR_REFS.exists():
         CLEAR_REFS.write_text("5")
@@ -51,7 +51,6 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     peak on GPU (``cuda_max_allocated``), peak RSS on Linux (``cpu_peak_rss``), elsewhere the
     process's lifetime max RSS (``cpu_max_rss``)."""
     if device.type == "cuda":
-        synchronize(device)
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     if PROC_STATUS.exists():
         line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))

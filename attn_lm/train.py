@@ -16,12 +16,13 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .budgets import budget_summary, register_resolvers
-from .callbacks import KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepProgressBar, TextSampler
+from .callbacks import (KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepLogger, StepProgressBar,
+                        TextSampler)
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
 from .cli import hydra_entry
 from .config import GPTConfig
@@ -138,7 +139,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         torch._dynamo.reset()
     module = LitGPT(model_config, OmegaConf.to_container(cfg.optim, resolve=True), compile=use_compile(cfg),
                     on_nonfinite=str(cfg.get("on_nonfinite", "stop")),
-                    accuracy=bool(getattr(datamodule, "reports_accuracy", False)))
+                    accuracy=bool(getattr(datamodule, "reports_accuracy", False)),
+                    compile_mode=str(cfg.get("compile_mode", "default")))
     announce(f"run directory: {out}" + (f" (resuming {resume})" if resume else ""),
              run_summary(cfg, module.model, datamodule))
     if cfg.get("init_from"):  # fine-tuning: the weights only; optimizer and schedule start anew
@@ -158,7 +160,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     sampler = [TextSampler(datamodule.tokenizer, int(cfg.sample_every), int(cfg.sample_tokens))] if cfg.get(
         "sample_every") and datamodule.tokenizer is not None else []
     callbacks = [*warmup, checkpoint, *periodic, speed, clock, *sampler, NonFiniteLossGuard()] + (
-        [LearningRateMonitor("step")] if loggers else [])
+        [StepLogger()] if loggers else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,

@@ -24,6 +24,8 @@ reported as the median:
 * peak allocated CUDA memory over the timed steps.
 
 With both modes a mechanism that runs slower compiled than eager is flagged in the summary.
+``--compile-mode reduce-overhead`` compiles the library's model (and the ``--loop`` run) into
+CUDA graphs, as ``compile_mode=reduce-overhead`` does in training.
 
 ``--nanogpt-baseline`` adds a minimal nanoGPT-equivalent model written below (plain modules,
 ``F.scaled_dot_product_attention(is_causal=True)``, same shape, same step, compiled the way
@@ -66,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
-from attn_lm.lit_module import compile_for_training
+from attn_lm.lit_module import COMPILE_MODES, compile_for_training
 
 COLUMNS = ["name", "mode", "params (M)", "step ms", "tokens/s", "MFU %", "peak MB", "note"]
 REFERENCE = "nanoGPT reference"
@@ -133,6 +135,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, 
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step() -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graph trees (else a no-op)
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             _, loss = model(idx, targets)
         loss.backward()
@@ -144,11 +147,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, 
     return step
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """The library's model compiles as training compiles it (or stays eager where a layer cannot
-    be traced); the reference compiles as nanoGPT's train.py does."""
+def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
+    """The library's model compiles as training compiles it, in ``mode`` (or stays eager where a
+    layer cannot be traced); the reference compiles as nanoGPT's train.py does."""
     if isinstance(model, GPT):
-        compiled = compile_for_training(model)
+        compiled = compile_for_training(model, mode)
         return model if compiled is None else compiled
     return torch.compile(model)
 
@@ -161,7 +164,7 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, 
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=device.type == "cuda")
-    runner = compile_model(model) if compiled else model
+    runner = compile_model(model, args.compile_mode) if compiled else model
     gen = torch.Generator(device=device).manual_seed(0)
     idx, targets = (torch.randint(vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
                     for _ in range(2))
@@ -233,7 +236,8 @@ def run_training_loop(args) -> dict[str, Any]:
         f"model.bias={str(args.bias).lower()}", f"data.block_size={args.seq_len}", f"data.batch_size={args.batch_size}",
         "model.dropout=0.0", f"trainer.max_steps={args.loop_steps}", f"trainer.val_check_interval={args.loop_steps}",
         "trainer.log_every_n_steps=25", "test_after_training=false", "trainer.enable_model_summary=false",
-        f"compile={str('compiled' in args.modes).lower()}", f"hydra.run.dir={run_dir}",
+        f"compile={str('compiled' in args.modes).lower()}", f"compile_mode={args.compile_mode}",
+        f"hydra.run.dir={run_dir}",
     ]
     if args.device.type == "cuda":
         overrides.insert(0, "trainer=gpu")
@@ -369,6 +373,9 @@ def parse_args(argv=None):
                    help="mechanism option, repeatable (e.g. --options local.window_size=256)")
     p.add_argument("--modes", type=common.csv_strs, default=["compiled" if device.type == "cuda" else "eager"],
                    help="comma-separated: compiled, eager (default: compiled on CUDA, eager on CPU)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the library's model (and of the --loop run); the reference "
+                        "always compiles as nanoGPT's train.py does")
     p.add_argument("--n-layer", type=int, default=12)
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--n-heads", type=int, default=12)
@@ -429,8 +436,8 @@ def main(argv=None) -> None:
     print(common.header(device, [
         (f"model: {args.n_layer} layers, d_model {args.d_model}, {args.n_heads} heads, T={args.seq_len}, "
          f"vocab {args.vocab_size}, batch {args.batch_size}, bias={args.bias}"),
-        (f"autocast {args.dtype}, modes {','.join(args.modes)}, fused AdamW={device.type == 'cuda'}, "
-         f"{args.warmup_steps} warm-up + {args.steps} timed steps (median)"),
+        (f"autocast {args.dtype}, modes {','.join(args.modes)} (compile mode {args.compile_mode}), "
+         f"fused AdamW={device.type == 'cuda'}, {args.warmup_steps} warm-up + {args.steps} timed steps (median)"),
         (f"peak (measured {args.matmul_size}^3 {args.dtype} matmul): {peak:.4g} TFLOP/s; "
          "MFU = tokens/s * (6 N + 12 L d T) / peak"),
     ]))

@@ -74,3 +74,12 @@ def test_pinned_backend_holds_on_the_gpu_branch(monkeypatch):
         assert _cur_sdpa_kernel_backends() == [SDPBackend.MATH]
     with functional.sdpa_backends(q):
         assert _cur_sdpa_kernel_backends()[0] == SDPBackend.CUDNN_ATTENTION
+
+
+def test_compile_mode_is_checked():
+    """An unknown ``compile_mode`` fails at construction, naming the valid ones."""
+    from attn_lm.lit_module import LitGPT
+
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        LitGPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, d_model=16, n_heads=2), {}, compile=True,
+               compile_mode="max-speed")
