@@ -314,7 +314,7 @@ def run_structure(results: Mapping[str, Any]) -> str:
         options = attention_config_from_dict(node).set_options()
     except (TypeError, ValueError):  # an old or foreign config: say nothing rather than guess
         return ""
-    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "backend")
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("backend", "kernel"))
 
 
 def full_attention_reasons(results: Mapping[str, Any]) -> list[str]:

@@ -40,6 +40,8 @@ MECHANISM_OPTIONS = (
     "lambda_init",
     "kv_rank",
     "rope_dim",
+    "kernel",
+    "gated",
 )
 
 
@@ -85,6 +87,8 @@ class AttentionConfig:
     lambda_init: Optional[float] = None
     kv_rank: Optional[int] = None
     rope_dim: Optional[int] = None
+    kernel: Optional[str] = None
+    gated: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.d_model <= 0 or self.n_heads <= 0:

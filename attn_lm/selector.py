@@ -51,6 +51,10 @@ Memory of a candidate — the same quantity :class:`~attn_lm.profiler.AttentionP
         kernel:     B H (T C + 2 T F + (T / C) F D) max(e, 4)
                     chunk scores, query/key features, chunk states (computed in >= float32)
         low_rank:   B H T (C + (T / C) p) e   each query scores its chunk and all summaries
+        matrix state (retention, gla): B H (T C + 2 (T / C) D^2 + 2 T D) max(e, 4)
+                    chunk scores, the state before every chunk, float32 copies of q/k/v;
+                    deltanet: B H (3 T C + 2 (T / C) D^2 + 4 T D) max(e, 4) (its scores, chunk
+                    decays and triangular system, and the pseudo-values u, w)
         other:      B H T^2 e               assumed quadratic
       copies = 1 for the fused kernels and the sparse bias (counted in full above), else 3:
       a materialised score-like tensor coexists with its normalised / multiplied temporaries
@@ -72,10 +76,10 @@ import torch
 from .attention import AttentionFactory
 from .attention.base import Attention, SoftmaxAttention
 from .attention.flash_blockwise import FlashV1Attention
-from .attention.gla import GatedLinearAttention
+from .attention.deltanet import DeltaNetAttention
 from .attention.kernelized import KernelizedAttention
 from .attention.lowrank import ChunkedLowRankAttention
-from .attention.retention import RetentionAttention
+from .attention.retention import MatrixStateAttention
 from .config import AttentionConfig
 from .profiler import AttentionProfiler, build_layer, resolve_device
 
@@ -167,8 +171,10 @@ def _core_bytes(layer: Attention, B: int, T: int, e: int, backward: bool, device
     if kind == "kernel":
         C, F = min(layer.opt("chunk_size"), T), layer.feature_dim
         return B * H * (T * C + 2 * T * F + (T / C) * F * D) * max(e, 4), False
-    if isinstance(layer, (RetentionAttention, GatedLinearAttention)):  # chunk scores, chunk states, float32
+    if isinstance(layer, MatrixStateAttention):  # chunk scores, chunk states, float32
         C = min(layer.opt("chunk_size"), T)
+        if isinstance(layer, DeltaNetAttention):  # scores, decays and the triangular system; u, w
+            return B * H * (3 * T * C + 2 * (T / C) * D * D + 4 * T * D) * max(e, 4), False
         return B * H * (T * C + 2 * (T / C) * D * D + 2 * T * D) * max(e, 4), False
     if kind == "low_rank":
         C, p = min(layer.chunk_size, T), layer.summary_len

@@ -194,7 +194,7 @@ def describe_error(error: BaseException) -> str:
 
 def parse_mechanism_options(values: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["local.window_size=512", ...]`` -> ``{"local": {"window_size": 512}}`` (canonical
-    mechanism names; integer values converted). Whether the option applies is checked when the
+    mechanism names; integers and true/false converted). Whether the option applies is checked when the
     layer is built, by :class:`~attn_lm.attention.AttentionFactory`."""
     from attn_lm import AttentionFactory
 
@@ -205,7 +205,8 @@ def parse_mechanism_options(values: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not (sep and dot and mech and option):
             raise SystemExit(f"--options expects MECHANISM.OPTION=VALUE (e.g. local.window_size=512), got {item!r}")
         name = AttentionFactory.get_class(mech).name
-        options.setdefault(name, {})[option] = int(value) if value.lstrip("-").isdigit() else value
+        flag = {"true": True, "false": False}.get(value.lower(), value)
+        options.setdefault(name, {})[option] = int(value) if value.lstrip("-").isdigit() else flag
     return options
 
 

@@ -39,8 +39,11 @@ Columns
   chunks of ``C`` with ``p`` summaries each) per head: ``4 n C^2 D`` (own chunk) ``+ 4 n C (n p) D``
   (every summary, masked ones included, as the kernel computes them) ``+ 4 n p C D``
   (summarising). Both: ``fwd+bwd = 3 x fwd`` (a matmul's backward is two matmuls, nothing is
-  recomputed). ``--whole-module`` adds the projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for
-  fwd+bwd). Mechanisms outside these families report no FLOPs;
+  recomputed). Retention and GLA (chunk ``C``): ``4 T C D + 4 T D^2``; DeltaNet: ``10 T C D + 6 T D^2``
+  (``K K^T``, ``Q K^T``, the two triangular solves for ``u`` and ``w``, ``P w``, ``P u``; the
+  state read, its correction ``w S`` and its update); gla and deltanet take their keys, which
+  carry per-token gates, from their own projection of random ``x``. ``--whole-module`` adds the
+  projections, ``2 B T (|W_qkv| + |W_out|)`` (x3 for fwd+bwd). Mechanisms outside these families report no FLOPs;
 * ``peak MB``: peak allocated CUDA memory during one call, inputs included;
 * ``vs SDPA``: ``best_sdpa_ms / ms`` against the fastest SDPA backend on the same shape and mode
   (``> 1`` = faster than PyTorch's best fused kernel);
@@ -78,12 +81,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attn_lm import AttentionConfig, AttentionFactory
 from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
 from attn_lm.attention.functional import reference_attention
+from attn_lm.attention.deltanet import DeltaNetAttention
 from attn_lm.attention.diff import DiffAttention
 from attn_lm.attention.gla import GatedLinearAttention
 from attn_lm.attention.kernelized import KernelizedAttention, PerformerAttention
 from attn_lm.attention.lowrank import ChunkedLowRankAttention
 from attn_lm.attention.mla import MultiHeadLatentAttention
-from attn_lm.attention.retention import RetentionAttention
+from attn_lm.attention.retention import MatrixStateAttention
 
 #: Benchmark defaults per mechanism (applied only to options the mechanism declares).
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
@@ -158,7 +162,10 @@ def core_flops(module: Attention, shape: Shape, mode: str, device: torch.device)
         per_head = 2 * T * C * (Fd + D) + 4 * T * Fd * D
         if isinstance(module, PerformerAttention):
             per_head += 4 * T * D * Fd
-    elif isinstance(module, (RetentionAttention, GatedLinearAttention)):  # chunk-local scores and values + states
+    elif isinstance(module, DeltaNetAttention):  # K K^T, Q K^T, two triangular solves, P w, P u + 3 state products
+        C = min(module.opt("chunk_size"), T)
+        per_head = 10 * T * C * D + 6 * T * D * D
+    elif isinstance(module, MatrixStateAttention):  # chunk-local scores and values + states
         C = min(module.opt("chunk_size"), T)
         per_head = 4 * T * C * D + 4 * T * D * D
     elif isinstance(module, ChunkedLowRankAttention):
@@ -256,8 +263,11 @@ class Mechanism:
         """Fast path in ``dtype`` vs a float32 reference on fresh inputs (module docstring)."""
         m = self.module
         gen = torch.Generator(device=device).manual_seed(1)
-        q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
-                   for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
+        if carries_gates(m):
+            q, k, v = (t.float() for t in gated_inputs(m, 1, T, device, dtype, gen))
+        else:
+            q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
+                       for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
         pos = torch.arange(T, device=device)
         with torch.no_grad():
             out = self.core(q.to(dtype), k.to(dtype), v.to(dtype)).float()
@@ -285,6 +295,19 @@ def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.
         return torch.autograd.grad(fn(*inputs), leaves, grad)
 
     return forward_backward
+
+
+def carries_gates(module: Attention) -> bool:
+    """gla and deltanet append per-token gates to each key in ``project``: random keys would carry
+    invalid gates (a log-decay above 0, a beta outside (0, 1))."""
+    return isinstance(module, (GatedLinearAttention, DeltaNetAttention))
+
+
+def gated_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
+    """``q, k, v`` of such a mechanism: its own projection of random ``x`` (no grad)."""
+    x = torch.randn(B, T, module.config.d_model, device=device, dtype=dtype, generator=generator)
+    with torch.no_grad():
+        return list(module.project(x, None))
 
 
 def random_inputs(shapes: list[tuple[int, ...]], mode: str, device, dtype) -> list[Tensor]:
@@ -421,7 +444,11 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
     q_shape, kv_shape = (shape.B, m.n_heads, shape.T, shape.D), (shape.B, m.n_kv_heads, shape.T, shape.D)
 
     def core_step():
-        inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
+        if carries_gates(m):
+            torch.manual_seed(0)
+            inputs = [t.requires_grad_(mode == "fwd+bwd") for t in gated_inputs(m, shape.B, shape.T, device, dtype)]
+        else:
+            inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
         return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])
 
     sweep.run(sweep.new_row(name, shape, mode, scope="core", **fields), (name, "core", shape.D, mode), core_step,

@@ -25,6 +25,8 @@ SMALL_OPTIONS = {
     "num_sink_tokens": 2,
     "kv_rank": 12,
     "rope_dim": 4,
+    "kernel": None,
+    "gated": None,
 }
 
 

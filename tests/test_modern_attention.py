@@ -229,3 +229,153 @@ def test_gla_gates_depend_on_the_token():
     assert (log_alpha < 0).all() and log_alpha.std(dim=2).min() > 0  # varies over tokens, in (0, 1) as a gate
     cache = layer.new_cache(1, 5, torch.float64, "cpu")
     assert cache.nbytes() == layer.new_cache(1, 5000, torch.float64, "cpu").nbytes()
+
+
+# ------------------------------------------------------------------------------ deltanet
+def delta_inputs(B=2, H=3, T=13, D=4, dtype=torch.float64, seed=0):
+    """Unit keys and queries, beta in (0, 1), gates alpha in (e^-1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H, T, D, generator=g, dtype=dtype), dim=-1) for _ in "qk")
+    v = torch.randn(B, H, T, D + 1, generator=g, dtype=dtype)  # values may be wider than keys
+    return q, k, v, torch.rand(B, H, T, generator=g, dtype=dtype), -torch.rand(B, H, T, generator=g, dtype=dtype)
+
+
+def delta_recurrence(q, k, v, beta, log_alpha, state=None):
+    """S_t = alpha_t (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t, o_t = q_t S_t, with explicit
+    D x D matrices (the papers' equation, transposed to row vectors)."""
+    B, H, T, D = k.shape
+    S = torch.zeros(B, H, D, v.shape[-1], dtype=v.dtype) if state is None else state
+    eye, out = torch.eye(D, dtype=v.dtype), []
+    for t in range(T):
+        kt, b, a = k[:, :, t, :, None], beta[:, :, t, None, None], log_alpha[:, :, t, None, None].exp()
+        S = a * (eye - b * kt @ kt.transpose(-2, -1)) @ S + b * kt @ v[:, :, t, None, :]
+        out.append(q[:, :, t, None, :] @ S)
+    return torch.cat(out, dim=2), S
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_deltanet_chunkwise_wy_form_equals_the_recurrence(gated, dtype, tol):
+    """The chunkwise WY form == the delta rule token by token, for chunks that do and do not
+    divide T = 13, also resumed from a state (split at t = 6)."""
+    from attn_lm.attention.deltanet import chunked_delta_rule
+
+    q, k, v, beta, log_alpha = delta_inputs(dtype=dtype)
+    if not gated:
+        log_alpha = torch.zeros_like(log_alpha)
+    expected, state = delta_recurrence(*(t.double() for t in (q, k, v, beta, log_alpha)))
+    for C in (1, 3, 4, 5, 13, 64):
+        out, final = chunked_delta_rule(q, k, v, beta, log_alpha, C)
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(final.double(), state, rtol=tol, atol=tol)
+        first, mid = chunked_delta_rule(*(t[:, :, :6] for t in (q, k, v, beta, log_alpha)), C)
+        second, end = chunked_delta_rule(*(t[:, :, 6:] for t in (q, k, v, beta, log_alpha)), C, mid)
+        torch.testing.assert_close(torch.cat([first, second], dim=2).double(), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(end.double(), state, rtol=tol, atol=tol)
+
+
+def test_delta_rule_with_beta_one_replaces_the_value_under_a_key():
+    """Writing v1 then v2 under the same unit key with beta = 1 leaves exactly v2 there (linear
+    attention would hold v1 + v2); what an orthogonal key holds is untouched."""
+    from attn_lm.attention.deltanet import chunked_delta_rule
+
+    e = torch.eye(4, dtype=torch.float64)
+    k = torch.stack([e[0], e[1], (e[0] + e[2]) / 2**0.5, (e[0] + e[2]) / 2**0.5])[None, None]  # [1, 1, 4, 4]
+    v = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+    ones, zeros = torch.ones(1, 1, 4, dtype=torch.float64), torch.zeros(1, 1, 4, dtype=torch.float64)
+    for C in (1, 2, 4):
+        _, S = chunked_delta_rule(k, k, v, ones, zeros, C)
+        torch.testing.assert_close(k[0, 0, 3] @ S[0, 0], v[0, 0, 3], rtol=1e-12, atol=1e-12)  # replaced, not v2 + v3
+        torch.testing.assert_close(e[1] @ S[0, 0], v[0, 0, 1], rtol=1e-12, atol=1e-12)  # orthogonal key kept
+    # beta = 1/2 moves the stored value halfway: b v_new + (1 - b) v_old
+    _, S = chunked_delta_rule(k[:, :, 2:], k[:, :, 2:], v[:, :, 2:], torch.tensor([[[1.0, 0.5]]], dtype=torch.float64),
+                              zeros[:, :, 2:], 2)
+    torch.testing.assert_close(k[0, 0, 3] @ S[0, 0], (v[0, 0, 2] + v[0, 0, 3]) / 2, rtol=1e-12, atol=1e-12)
+
+
+def test_delta_rule_state_stays_bounded_where_linear_attention_grows():
+    """For unit keys, (I - beta k^T k) never expands the state (its spectral norm never grows
+    without new values), and with bounded values and random keys the state stays at the size of D
+    stored values over thousands of writes, while the linear-attention sum sum_t k_t^T v_t grows
+    with T. (Not a worst-case bound: keys chosen orthogonal to the state can grow it like sqrt(T).)"""
+    from attn_lm.attention.deltanet import chunked_delta_rule
+
+    B, H, T, D = 1, 2, 4096, 8
+    q, k, v, beta, _ = delta_inputs(B, H, T, D)
+    v = v[..., :D].clamp(-1, 1)
+    zeros = torch.zeros(B, H, T, dtype=torch.float64)
+    start = torch.randn(B, H, D, D, dtype=torch.float64)
+    norms = [torch.linalg.matrix_norm(chunked_delta_rule(q[:, :, :n], k[:, :, :n], 0 * v[:, :, :n], beta[:, :, :n],
+                                                         zeros[:, :, :n], 64, start)[1], ord=2) for n in (1, 10, 100)]
+    assert (norms[1] <= norms[0] + 1e-12).all() and (norms[2] <= norms[1] + 1e-12).all()
+    bound = D**0.5 * v.norm(dim=-1).amax()  # D key directions, each holding a blend of values
+    for n in (64, 512, T):
+        _, S = chunked_delta_rule(q[:, :, :n], k[:, :, :n], v[:, :, :n], beta[:, :, :n], zeros[:, :, :n], 64)
+        assert (torch.linalg.matrix_norm(S) <= bound).all()
+    linear = torch.linalg.matrix_norm(k.transpose(-2, -1) @ v)
+    assert (linear > 4 * bound).all()
+
+
+def test_deltanet_layer_gates_masks_and_options():
+    layer = build("deltanet", gated=True)
+    x = torch.randn(1, 6, layer.config.d_model, dtype=torch.float64)
+    _, kg, _ = layer.project(x, None)
+    beta, log_alpha = kg[..., layer.head_dim], kg[..., layer.head_dim + 1]
+    assert ((beta > 0) & (beta < 1)).all() and (log_alpha < 0).all() and log_alpha.std(dim=2).min() > 0
+    plain = build("deltanet")
+    assert (plain.project(x, None)[1][..., -1] == 0).all()  # alpha = 1 without the gate
+    with pytest.raises(ValueError, match="non-linear function of every earlier key"):
+        plain(x, mask=torch.ones(6, 6, dtype=torch.bool))
+    for bad, match in ((dict(gated=1), "gated must be true or false"),
+                       (dict(kernel="triton"), "kernel must be one of")):
+        with pytest.raises(ValueError, match=match):
+            build("deltanet", **bad)
+    cache = layer.new_cache(1, 6, torch.float64, "cpu")
+    assert cache.nbytes() == layer.new_cache(1, 6000, torch.float64, "cpu").nbytes() == 4 * 8 * 8 * 8
+
+
+# ------------------------------------------------------------------------------ fla hook (CPU plumbing)
+@pytest.mark.parametrize("name,opts", [("retention", {}), ("gla", {}), ("deltanet", {}),
+                                       ("deltanet", {"gated": True})])
+def test_fla_hook_transposes_and_falls_back_with_one_notice(name, opts, monkeypatch):
+    """With a stand-in for fla (the PyTorch scan behind fla's [B, T, H, D] signature), kernel=fla
+    gives the PyTorch path's output; when fla is missing or raises, the PyTorch path runs after one
+    warning. The real kernels are compared on the GPU (test_gpu.py)."""
+    from attn_lm.attention import fla_kernels, retention
+
+    layer = build(name, kernel="fla", **opts)
+    x = torch.randn(2, 11, layer.config.d_model, dtype=torch.float64)
+    expected = build(name, kernel="torch", **opts)(x)
+    monkeypatch.setattr(retention, "wants_fla", lambda kernel, t: kernel != "torch")
+    monkeypatch.setattr(fla_kernels, "_FAILED", set())
+    calls = []
+
+    def stand_in(q, k, v, *gates, scale):
+        calls.append(q.shape)
+        heads = [t.transpose(1, 2) for t in (q, k, v, *gates)]
+        q32, k32, v32 = heads[:3]
+        if name == "deltanet":  # gates arrive as fla orders them: (g, beta) gated, (beta,) plain
+            beta, g = (heads[4], heads[3]) if len(heads) == 5 else (heads[3], torch.zeros_like(heads[3]))
+            decay = torch.stack([beta, g], dim=-1)
+        else:
+            decay = heads[3] if len(heads) == 4 else layer.log_gamma.double()
+        return layer.scan(q32 * scale, k32, v32, decay)[0].transpose(1, 2), None
+
+    monkeypatch.setattr(fla_kernels, "fla_function", lambda module, fn: stand_in)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    assert calls == [(2, 11, 4, 8)]
+
+    def refuses(*args, **kwargs):
+        raise AssertionError("does not support float64")
+
+    monkeypatch.setattr(fla_kernels, "fla_function", lambda module, fn: refuses)
+    with pytest.warns(UserWarning, match=r"fla\.ops\..* refused torch.float64 \(AssertionError: does not"):
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per kernel and dtype
+    monkeypatch.setattr(fla_kernels, "_FAILED", set())
+    monkeypatch.setattr(fla_kernels, "fla_function", lambda module, fn: None)
+    with pytest.warns(UserWarning, match="is not installed; using the PyTorch chunkwise form"):
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)

@@ -36,6 +36,8 @@ OPTION_VALUES = {
     "lambda_init": st.floats(0.1, 0.9),
     "kv_rank": st.integers(1, 16),
     "rope_dim": st.sampled_from([2, 4, 6]),
+    "kernel": st.sampled_from(["auto", "torch"]),
+    "gated": st.booleans(),
 }
 
 
@@ -56,7 +58,7 @@ def attention_cases(draw):
     config = AttentionConfig(attention_type=name, d_model=8 * n_heads, n_heads=n_heads, max_seq_len=MAX_LEN,
                              position=draw(st.sampled_from(["none", "rope"])), **options)
     T = draw(st.integers(1, MAX_LEN))
-    use_mask = draw(st.booleans()) and name not in ("linformer", "nystrom")  # they reject masks by design
+    use_mask = draw(st.booleans()) and name not in ("linformer", "nystrom", "deltanet")  # they reject masks by design
     return config, T, use_mask, draw(st.integers(0, 2**31 - 1))
 
 

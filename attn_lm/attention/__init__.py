@@ -14,6 +14,7 @@ from . import diff  # noqa: F401  (diff)
 from . import retention  # noqa: F401  (retention)
 from . import mla  # noqa: F401  (mla)
 from . import gla  # noqa: F401  (gla)
+from . import deltanet  # noqa: F401  (deltanet)
 from .base import Attention, SoftmaxAttention, iter_attention, reference_mode
 from .factory import AttentionFactory, register
 from .masks import MaskPattern

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .factory import register
+from .fla_kernels import run_fla
 from .masks import MaskPattern, combine_custom_mask
 from .retention import MatrixStateAttention
 
@@ -94,6 +95,10 @@ class GatedLinearAttention(MatrixStateAttention):
 
     def scan(self, q, k, v, decay, state=None):
         return chunked_gla(q, k, v, decay, self.opt("chunk_size"), state)
+
+    def fla_scan(self, q, k, v, decay, fallback):
+        # k is already scaled; fla takes the gates in log space, float32 like ours
+        return run_fla("gla", "chunk_gla", fallback, q, k, v, decay, scale=1.0)
 
     def decay_state(self, state, decay):
         return decay.exp().transpose(-2, -1) * state  # alpha scales the key rows of S

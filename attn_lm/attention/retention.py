@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..cache import LayerCache
 from .base import Attention
 from .factory import register
+from .fla_kernels import KERNELS, run_fla, wants_fla
 from .functional import head_rms_norm
 from .masks import MaskPattern, combine_custom_mask
 
@@ -91,14 +92,22 @@ class RetentionStateCache(LayerCache):
 
 class MatrixStateAttention(Attention):
     """Causal softmax-free attention whose decoding cache is one ``D x D`` state per head and
-    whose heads are RMS-normalised (retention, gla). Subclasses give ``prepare`` (float32 tensors
-    and their decay), the chunkwise ``scan``, the one-token decay of the state and the weights
-    that decay each prompt key to its row's last token; the dispatch is shared."""
+    whose heads are RMS-normalised (retention, gla, deltanet). Subclasses give ``prepare`` (float32
+    tensors and their decay), the chunkwise ``scan`` and its fla kernel (``fla_scan``), the
+    one-token decay of the state and the weights that decay each prompt key to its row's last
+    token; the dispatch is shared. ``kernel``: ``auto`` / ``torch`` / ``fla`` (:mod:`.fla_kernels`)."""
 
     exact = False
-    options = {"chunk_size": 64}
+    options = {"chunk_size": 64, "kernel": "auto"}
     noncausal_unsupported = ("it is a recurrence over earlier tokens: a decayed state (the parallel form's mask "
                              "is lower-triangular); use full or linear attention for a non-causal layer")
+
+    @classmethod
+    def validate_options(cls, config):
+        if config.kernel is not None and config.kernel not in KERNELS:  # before the generic "positive integer"
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)} for attention_type {cls.name!r}, "
+                             f"got {config.kernel!r}")
+        super().validate_options(config)
 
     def __init__(self, config):
         super().__init__(config)
@@ -111,6 +120,10 @@ class MatrixStateAttention(Attention):
     def scan(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor,
              state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """The chunkwise form: output and the state after the last token."""
+        raise NotImplementedError
+
+    def fla_scan(self, q: Tensor, k: Tensor, v: Tensor, decay: Tensor, fallback) -> Tensor:
+        """The output of ``scan`` through fla's kernel (inputs in the layer's dtype), or ``fallback()``."""
         raise NotImplementedError
 
     def decay_state(self, state: Tensor, decay: Tensor) -> Tensor:
@@ -129,7 +142,10 @@ class MatrixStateAttention(Attention):
         if mask is not None:  # the quadratic form masks any key; the scan cannot
             return self.attend_reference(q, k, v, q_pos, kv_pos, mask)
         q32, k32, v32, decay = self.prepare(q, k, v)
-        return self.finish(self.scan(q32, k32, v32, decay)[0], v)
+        scan = lambda: self.scan(q32, k32, v32, decay)[0]  # noqa: E731
+        if wants_fla(self.opt("kernel"), q):
+            return self.finish(self.fla_scan(*(t.to(v.dtype) for t in (q32, k32, v32)), decay, scan), v)
+        return self.finish(scan(), v)
 
     def make_cache(self, batch, max_len, dtype, device):
         return RetentionStateCache(batch, self.n_heads, self.head_dim, torch.promote_types(dtype, torch.float32),
@@ -182,6 +198,10 @@ class RetentionAttention(MatrixStateAttention):
 
     def scan(self, q, k, v, decay, state=None):
         return chunked_retention(q, k, v, decay, self.opt("chunk_size"), state)
+
+    def fla_scan(self, q, k, v, decay, fallback):
+        # fla's chunk_retention uses the same per-head decays 1 - 2^(-5-h); k is already scaled
+        return run_fla("retention", "chunk_retention", fallback, q, k, v, scale=1.0)
 
     def decay_state(self, state, decay):
         return decay.exp()[:, None, None] * state
