@@ -12,55 +12,16 @@ step (benchmarks/RESULTS.md 3f). They read device values one interval late inste
 from __future__ import annotations
 
 import logging
-import os
-import platform
-import resource
-import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from .devices import device_name, peak_memory_mb, reset_peak_memory, synchronize
+
 log = logging.getLogger(__name__)
-
-
-#: Linux: writing "5" resets the process's peak resident set size (VmHWM in /proc/self/status).
-CLEAR_REFS, PROC_STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start measuring a new peak: the CUDA allocator's, or on Linux the process's peak RSS, so a
-    run in a reused worker process (``hydra/launcher=joblib``) reports its own peak."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif CLEAR_REFS.exists():
-        CLEAR_REFS.write_text("5")
-
-
-def peak_memory_mb(device: torch.device) -> tuple[float, str]:
-    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak on GPU, peak RSS on Linux
-    (``cpu_peak_rss``); elsewhere the process's lifetime max RSS (``cpu_max_rss``)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    if PROC_STATUS.exists():
-        line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
-        return int(line.split()[1]) / 2**10, "cpu_peak_rss"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**20 if sys.platform == "darwin" else 2**10), "cpu_max_rss"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class LaggedRead:
@@ -261,7 +222,7 @@ class KernelWarmup(L.Callback):
             with torch.no_grad(), trainer.precision_plugin.val_step_context():
                 pl_module(x, y)
         pl_module.train(was_training)
-        _sync(device)
+        synchronize(device)
         self.seconds = time.perf_counter() - start
 
     def _batch(self, shape: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,24 +20,7 @@ import torch
 from .config import GPTConfig, gpt_config_from_dict
 from .data.tokenizers import Tokenizer, tokenizer_from_payload
 from .lit_module import LitGPT
-
-#: Where a run directory keeps the checkpoint to evaluate, generate from or resume.
-LAST = Path("checkpoints") / "last.ckpt"
-
-
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A checkpoint file as given, or the ``checkpoints/last.ckpt`` of a run directory (or
-    ``last.ckpt`` of its ``checkpoints`` folder)."""
-    path = Path(str(path)).expanduser()
-    if path.is_file():
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (pass ckpt=<run directory> or ckpt=<file.ckpt>)")
-    for candidate in (path / LAST, path / LAST.name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"{path} is a directory without {LAST} (pass ckpt=<run directory> or ckpt=<file.ckpt>)")
-
+from .rundir import resolve_checkpoint
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents (tensors memory-mapped, so reading only its settings is cheap)."""

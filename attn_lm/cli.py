@@ -1,7 +1,9 @@
-"""What the command-line entry points (train, evaluate, generate) share: a mistake in the input is
-one line on stderr (``HYDRA_FULL_ERROR=1``: the traceback), ``+attention.<option>=...``
-reaches the mechanism's own check, and run directories named ``attention=local,seed=2`` can be
-passed unquoted.
+"""What the command-line entry points (train, evaluate, generate) share: the config directory
+shipped in the package (``attn_lm/conf``; ``--config-dir`` adds one of your own, ``--config-path``
+replaces it), the ``${attn_lm.*}`` resolvers registered before anything is resolved, a mistake in
+the input as one line on stderr (``HYDRA_FULL_ERROR=1``: the traceback), ``+attention.<option>=...``
+reaching the mechanism's own check, and run directories named ``attention=local,seed=2`` passed
+unquoted.
 
 An input error is one this package raises on purpose (``ValueError``/``OSError``/
 ``FloatingPointError`` from its own code), a Lightning ``MisconfigurationException`` or a required
@@ -18,17 +20,22 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, NoReturn, Optional
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from .attention.config import AttnLmDeprecationWarning
+from .budgets import register_resolvers
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+#: The Hydra configs, package data (an installed wheel carries them; pyproject.toml).
+CONF_DIR = PACKAGE_DIR / "conf"
 #: Exception types that report bad input when this package raises them (bugs raise others).
 INPUT_ERRORS = (ValueError, OSError, FloatingPointError)
 
@@ -108,19 +115,26 @@ def rewrite_arg(arg: str) -> str:
     return arg
 
 
-def hydra_entry(hydra_main: Callable[[], Any]) -> Callable[[], Any]:
-    """The console-script ``main`` of a ``@hydra.main`` function, with :func:`rewrite_arg`
-    applied to the command line first (Hydra reads ``sys.argv`` itself) and library deprecation
-    warnings off."""
+def hydra_entry(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """The console-script ``main`` that runs ``task`` on ``conf/<config_name>.yaml`` composed with
+    the command line, after :func:`rewrite_arg` (Hydra reads ``sys.argv`` itself), with input
+    errors as one line and library deprecation warnings off."""
 
-    @functools.wraps(hydra_main)
+    @functools.wraps(task)
+    def job(cfg: DictConfig) -> Any:
+        register_resolvers()  # also in launcher workers (joblib, submitit), which run only this function
+        return task(cfg)
+
+    run = hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(one_line_errors(job))
+
     def main() -> Any:
+        register_resolvers()  # the sweeper expands ${attn_lm.mechanisms:...} in this process
         sys.argv = [sys.argv[0], *map(rewrite_arg, sys.argv[1:])]
         # Libraries' deprecation notices are for developers of this package, not its users.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         # ... but this package's own: an old key the user gave still works, and says its new name.
         warnings.filterwarnings("default", category=AttnLmDeprecationWarning)
-        return hydra_main()
+        return run()
 
     return main

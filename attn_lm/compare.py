@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .sweep import budget_summary, si
+from .budgets import budget_summary, si
 
 #: Config keys that never distinguish groups (seeds are what groups aggregate over).
 IGNORED_KEYS = ("seed", "data.seed", "skip_completed", "compare.kernel_variants", "data.cache_dir", "data.num_workers",
@@ -327,7 +327,7 @@ def run_structure(results: Mapping[str, Any]) -> str:
 def full_attention_reasons(results: Mapping[str, Any]) -> list[str]:
     """Why a run's layers were plain full attention at its context length (``covers_context``):
     such a row is full attention under another name."""
-    from .configure import full_attention_layers, gpt_config
+    from .from_hydra import full_attention_layers, gpt_config
 
     config = results.get("config") or {}
     try:

@@ -13,18 +13,16 @@ import logging
 import time
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .callbacks import device_name
 from .checkpoint import Loaded, load_checkpoint
-from .cli import hydra_entry, one_line_errors
+from .cli import hydra_entry
 from .config import GPTConfig
-from .configure import CONF_DIR
 from .data import LMDataModule
-from .train import check_writable, run_dir
+from .devices import device_name
+from .rundir import check_writable, run_dir, run_facts, write_results
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +66,13 @@ def evaluate(cfg: DictConfig) -> dict:
     result = {"checkpoint": str(loaded.path), "split": cfg.split, "unit": datamodule.unit,
               "block_size": datamodule.block_size, **{k: float(v) for k, v in metrics.items()},
               "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-              "device": device_name(trainer.strategy.root_device), "attention": loaded.module.model.layer_types}
-    (out / "evaluation.json").write_text(json.dumps(result, indent=2))
+              **run_facts(loaded.module.model.layer_types, device_name(trainer.strategy.root_device))}
+    write_results(out / "evaluation.json", result)
     log.info("%s", json.dumps(result, indent=2))
     return result
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-@one_line_errors
-def _main(cfg: DictConfig) -> None:
-    evaluate(cfg)
-
-
-main = hydra_entry(_main)
+main = hydra_entry("evaluate", evaluate)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,15 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from .checkpoint import load_checkpoint
-from .cli import hydra_entry, one_line_errors
-from .configure import CONF_DIR
+from .cli import hydra_entry
 from .data import Tokenizer
 from .decoding import Decoder, context_window
+from .devices import resolve_device
+from .rundir import run_facts
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,6 @@ class TextStream:
         self.out.write(text[self.written:])
         self.out.flush()
         self.written = len(text)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_known(tokenizer: Tokenizer, prompt: str, allow_unknown: bool) -> None:
@@ -89,7 +83,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, window: int, strict: bool) 
 def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
     """Generate from ``cfg`` (see ``conf/generate.yaml``), writing the text to ``out`` (default
     stdout); returns the text and the measurements."""
-    device = resolve_device(str(cfg.device))
+    device = resolve_device(cfg.device)
     loaded = load_checkpoint(cfg.ckpt, device)
     model, tokenizer = loaded.module.model, loaded.tokenizer
     max_new = int(cfg.max_new_tokens)
@@ -126,8 +120,7 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
         "warmup_s": t_base - t_first,
         "decode_tokens_per_s": (n_last - n_base) / (t_last - t_base) if n_last > n_base else float("nan"),
         "cache_bytes": decoder.cache_nbytes(),
-        "attention": model.layer_types,
-        "device": str(device),
+        **run_facts(model.layer_types, str(device)),
         "compiled": compiled,
     }
     print(f"[attn_lm] {len(prompt)} prompt + {max_new} new tokens | first token {result['first_token_s'] * 1e3:.1f} ms | "
@@ -137,13 +130,7 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="generate", version_base="1.3")
-@one_line_errors
-def _main(cfg: DictConfig) -> None:
-    generate(cfg)
-
-
-main = hydra_entry(_main)
+main = hydra_entry("generate", generate)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,14 @@ from dataclasses import asdict
 from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
 import torch
+from lightning.pytorch.callbacks import Timer
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .config import GPTConfig, gpt_config_from_dict
 from .model import GPT
+from .parallel import clip_sharded, unwrapped_name
 
 
 class LitGPT(L.LightningModule):
@@ -173,7 +174,7 @@ class LitGPT(L.LightningModule):
             plain = unwrapped_name(name)
             if plain not in self._decays:  # a wrapper this code does not know renamed it: say so, never guess
                 raise RuntimeError(f"parameter {name!r} (as {plain!r}) is not a parameter of the GPT; add the "
-                                   "wrapper's name segment to attn_lm.lit_module._WRAPPER_SEGMENTS")
+                                   "wrapper's name segment to attn_lm.parallel.WRAPPER_SEGMENTS")
             (decay if self._decays[plain] else no_decay).append(param)
         o = self.optim
         fused = o.get("fused", "auto")
@@ -196,16 +197,11 @@ class LitGPT(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip by the global norm under FSDP (each rank holds a shard of the gradients, so
-        ``torch.nn.utils.clip_grad_norm_`` would clip by a local norm; Lightning refuses norm
-        clipping there): the root FSDP module's ``clip_grad_norm_`` reduces over ranks. Clip here
+        """Clip by the global norm under FSDP (:func:`~attn_lm.parallel.clip_sharded`). Clip here
         too when AdamW is fused: Lightning refuses to clip for optimizers that may unscale
         gradients themselves, but without fp16 loss scaling the gradients are already unscaled."""
-        root = self.trainer.strategy.model
-        if gradient_clip_val is not None and gradient_clip_algorithm != "value" and is_fsdp(root):
-            root.clip_grad_norm_(gradient_clip_val)
+        if clip_sharded(self.trainer.strategy.model, gradient_clip_val, gradient_clip_algorithm):
             return
         if not getattr(self, "_fused", False) or gradient_clip_val is None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -238,24 +234,6 @@ def compile_for_training(model: GPT, mode: str = "default") -> Optional[torch.nn
                       "; ".join(f"{name}: {why}" for name, why in reasons.items()), stacklevel=2)
         return None
     return torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
-
-
-#: Path segments that FSDP and activation-checkpointing wrappers insert into parameter names.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def unwrapped_name(name: str) -> str:
-    """A parameter's name as in the unwrapped model (wrapper segments removed)."""
-    for segment in _WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def is_fsdp(module: Any) -> bool:
-    """Whether ``module`` is a (root) FSDP1 module."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(module, FullyShardedDataParallel)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: Optional[int], min_ratio: float, timer: Optional[Timer] = None):

@@ -32,16 +32,10 @@ from torch import Tensor
 from .attention import AttentionFactory
 from .attention.base import Attention
 from .attention.config import AttentionDims, attention_config_from_dict
+from .devices import peak_memory_mb, reset_peak_memory, resolve_device
 
 #: Name of the profiler's allocation/free records (``torch.autograd.profiler`` uses the same).
 _MEMORY_EVENT = "[memory]"
-
-
-def resolve_device(device: Optional[torch.device | str]) -> torch.device:
-    """``None`` -> the GPU when there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def build_layer(attention_type: str, d_model: int, n_heads: int, seq_len: int, **options: Any) -> Attention:
@@ -95,12 +89,11 @@ def time_calls(step: Callable[[], None], iterations: int, device: torch.device) 
 def peak_step_memory_mb(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
     """Peak extra memory of one call of ``step`` (see the module docstring) and how it was measured."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        reset_peak_memory(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
         step()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, "cuda_max_allocated"
+        peak, kind = peak_memory_mb(device)
+        return peak - before, kind
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

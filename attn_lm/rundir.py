@@ -1,34 +1,101 @@
-"""Run directories that cannot be corrupted: one live run per directory, a finished run is never
-overwritten by accident, resuming needs something to resume, and a resumed run keeps one metrics
-history (:func:`merge_metric_histories`).
+"""Run plumbing that ``train``, ``evaluate`` and ``generate`` share: where a run writes, the
+start-up checks on that directory, atomic writes, and the results file.
+
+Run directories cannot be corrupted: one live run per directory, a finished run is never
+overwritten by accident (or, in a resumable sweep, is skipped: :func:`completed_results`),
+resuming needs something to resume, and a resumed run keeps one metrics history
+(:func:`merge_metric_histories`). Whether the directory is writable and the disk can hold the
+checkpoints is checked before any data is read.
 
 :func:`claimed` is taken by :func:`attn_lm.train.train` (Python API, every job of a multirun) and,
 for a single run, already by :class:`RunDirGuard`, a Hydra callback that runs before Hydra writes
 ``.hydra/`` and the log file into the directory, so a refused run leaves the directory untouched.
 Only the process of global rank 0 claims: the other ranks of a DDP/FSDP job share its directory.
+
+Every file that a reader may open while it is written (results, token caches, tokenizers,
+downloads) goes through :func:`write_atomic`: a temporary file in the same folder, renamed over
+the destination, so readers see the old file or the complete new one, never a part.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
+import json
 import logging
 import os
+import platform
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional, Union
 
+import hydra
+import lightning
+import torch
 from filelock import FileLock, Timeout
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import LAST, resolve_checkpoint
 from .cli import one_line_errors
 
 log = logging.getLogger(__name__)
 
 #: What a training run writes into its directory (removed by ``overwrite=true``).
 RUN_OUTPUTS = ("results.json", "checkpoints", "csv")
+#: Where a run directory keeps the checkpoint to evaluate, generate from or resume.
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def run_dir() -> Path:
+    """The run's output directory (Hydra's, or the working directory outside Hydra)."""
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path.cwd()
+
+
+# ------------------------------------------------------------------ start-up checks
+def check_writable(directory: Path) -> None:
+    """Fail at start, not after training, when outputs cannot be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(f"output directory {directory} is not writable ({err.strerror}); "
+                      "set hydra.run.dir=... to a writable location") from err
+
+
+def check_free_space(directory: Path, params: int, copies: int) -> None:
+    """Fail at start when the disk cannot hold the run's checkpoints.
+
+    A checkpoint holds the fp32 weights and AdamW's two fp32 moments (12 bytes per parameter);
+    ``copies`` of them are on disk at once, and one more while a new one is being written
+    (Lightning writes to a temporary file, then renames). 64 MiB of headroom for logs."""
+    need = 12 * params * (copies + 1) + (64 << 20)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(f"only {free / 2**20:,.0f} MiB free under {directory}, and this run's checkpoints need about "
+                      f"{need / 2**20:,.0f} MiB ({params:,} parameters x 12 bytes x {copies + 1} files + logs); "
+                      "free some space or set hydra.run.dir=... to a larger disk")
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint file as given, or the ``checkpoints/last.ckpt`` of a run directory (or
+    ``last.ckpt`` of its ``checkpoints`` folder)."""
+    path = Path(str(path)).expanduser()
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (pass ckpt=<run directory> or ckpt=<file.ckpt>)")
+    for candidate in (path / LAST, path / LAST.name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} is a directory without {LAST} (pass ckpt=<run directory> or ckpt=<file.ckpt>)")
 
 
 def resume_checkpoint(cfg: DictConfig, out: Path) -> Optional[Path]:
@@ -91,6 +158,45 @@ def claimed(out: Path, cfg: DictConfig, clear: bool = True) -> Iterator[None]:
         lock.release()
 
 
+def completed_results(out: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The ``results.json`` of a finished run of the same config in ``out``, when ``cfg.skip_completed``.
+
+    ``None`` (run it) when skipping is off, there is no ``results.json``, it is unreadable or
+    not ``status == "complete"``, or it was written for a different config.
+    """
+    if not cfg.get("skip_completed"):
+        return None
+    path = Path(out) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("re-running %s: its results.json is unreadable (%s)", out, err)
+        return None
+    if results.get("status") != "complete":
+        log.warning("re-running %s: results.json has status %r", out, results.get("status"))
+        return None
+    if _run_defining(results.get("config")) != _run_defining(plain_config(cfg)):
+        log.warning("re-running %s: results.json was written for a different config", out)
+        return None
+    log.info("skipping %s: complete results.json for the same config (skip_completed=false re-runs it)", out)
+    return results
+
+
+def plain_config(cfg: DictConfig) -> Any:
+    """The resolved config as ``results.json`` stores it (JSON types only)."""
+    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
+
+
+def _run_defining(config: Any) -> Any:
+    """A stored config without the keys that choose which jobs a sweep has, not what a job does
+    (``compare.kernel_variants``: adding the kernel rows must not re-run the others)."""
+    if not isinstance(config, dict) or not isinstance(config.get("compare"), dict):
+        return config
+    return {**config, "compare": {k: v for k, v in config["compare"].items() if k != "kernel_variants"}}
+
+
 class RunDirGuard(Callback):
     """Hydra callback (``hydra.callbacks`` in ``conf/train.yaml``): claim a single run's directory
     before Hydra writes anything into it, and keep it claimed until the run ends."""
@@ -106,6 +212,44 @@ class RunDirGuard(Callback):
         self._stack.close()
 
 
+# ------------------------------------------------------------------ writing results
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """Open a binary file that replaces ``path`` when the ``with`` block exits without error; if
+    the block fails, the temporary file is removed and ``path`` is untouched. (``os.replace`` is
+    atomic on POSIX and Windows within one file system, hence the temporary file's folder.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: Path, data: Union[bytes, str]) -> None:
+    """Replace ``path`` by ``data`` (text as UTF-8) atomically."""
+    with atomic_writer(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """``results`` as indented JSON (values JSON cannot hold as text), atomically."""
+    write_atomic(path, json.dumps(results, indent=2, default=str))
+
+
+def run_facts(layer_types: list[str], device: str) -> dict[str, Any]:
+    """What every results file says about where and with what it ran."""
+    return {"attention": layer_types, "device": device, "versions": library_versions()}
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
+            "hydra": hydra.__version__}
+
+
 def merge_metric_histories(csv_dir: Path) -> None:
     """One metrics history per run: Lightning's CSV logger starts ``version_<n+1>`` when a run is
     resumed; fold every version into ``version_0/metrics.csv`` (rows of steps that a later segment
@@ -119,12 +263,10 @@ def merge_metric_histories(csv_dir: Path) -> None:
         if segment:
             first = min(int(row["step"]) for row in segment)
             rows = [row for row in rows if int(row["step"]) < first] + segment
-    tmp = versions[0] / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted(set().union(*rows)))
+    with atomic_writer(versions[0] / "metrics.csv") as f, io.TextIOWrapper(f, newline="") as text:
+        writer = csv.DictWriter(text, fieldnames=sorted(set().union(*rows)))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, versions[0] / "metrics.csv")
     for version in versions[1:]:
         shutil.rmtree(version)
 

@@ -58,7 +58,6 @@ measurements on the target device.
 """
 from __future__ import annotations
 
-import functools
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -200,28 +199,8 @@ class Selection:
         return "\n".join(lines)
 
 
-class _instance_or_default:
-    """Method usable on an instance or on the class itself; on the class it acts on one shared
-    default selector (so ``AttentionSelector.select_for_scenario(...)`` then
-    ``AttentionSelector.explain()`` work as in the original library's API)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        functools.update_wrapper(self, fn)
-
-    def __get__(self, obj, cls):
-        if obj is None:
-            if "_default" not in cls.__dict__:
-                cls._default = cls()
-            obj = cls._default
-        return functools.partial(self.fn, obj)
-
-
 class AttentionSelector:
     """Chooses a mechanism per scenario (rules and memory model: see the module docstring).
-
-    ``AttentionSelector.select_for_scenario(...)`` works on the class (a shared default selector)
-    or on an instance configured with other candidates/options.
 
     ``candidates``: mechanism names to consider (default: every registered self-attention
     mechanism). ``options``: per-mechanism options (flat, as in Hydra), e.g.
@@ -236,7 +215,6 @@ class AttentionSelector:
         self.iterations = iterations
         self.last: Optional[Selection] = None
 
-    @_instance_or_default
     def select_for_scenario(
         self,
         scenario: str,
@@ -285,7 +263,6 @@ class AttentionSelector:
         self.last = Selection(spec, chosen, sorted(candidates, key=lambda c: self._rank(spec, c)), rejected, settings)
         return chosen.config
 
-    @_instance_or_default
     def explain(self) -> str:
         """Why the last :meth:`select_for_scenario` chose what it chose."""
         if self.last is None:

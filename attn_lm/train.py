@@ -6,88 +6,35 @@ evaluates, and writes ``results.json`` into the run directory.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from .budgets import budget_summary, register_resolvers
 from .callbacks import (KernelWarmup, NonFiniteLossGuard, RunClock, SpeedMonitor, StepLogger, StepProgressBar,
                         TextSampler)
 from .checkpoint import check_same_model, read_checkpoint, saved_model_config
-from .cli import hydra_entry, one_line_errors
+from .cli import hydra_entry
 from .config import GPTConfig
-from .configure import CONF_DIR, check_run_config, gpt_config, scale_structure
 from .export import init_weights
+from .from_hydra import check_run_config, gpt_config, scale_structure
 from .lit_module import LitGPT
 from .model import GPT
-from .rundir import claimed, merge_metric_histories, resume_checkpoint
-from .sweep import budget_summary, completed_results
+from .parallel import evaluate_trained, is_sharded
+from .rundir import (check_free_space, check_writable, claimed, completed_results, merge_metric_histories,
+                     resume_checkpoint, run_dir, run_facts, write_results)
 
 log = logging.getLogger(__name__)
-
-
-def run_dir() -> Path:
-    """The run's output directory (Hydra's, or the working directory outside Hydra)."""
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path.cwd()
-
-
-def check_writable(directory: Path) -> None:
-    """Fail at start, not after training, when outputs cannot be written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise OSError(f"output directory {directory} is not writable ({err.strerror}); "
-                      "set hydra.run.dir=... to a writable location") from err
-
-
-def check_free_space(directory: Path, params: int, copies: int) -> None:
-    """Fail at start when the disk cannot hold the run's checkpoints.
-
-    A checkpoint holds the fp32 weights and AdamW's two fp32 moments (12 bytes per parameter);
-    ``copies`` of them are on disk at once, and one more while a new one is being written
-    (Lightning writes to a temporary file, then renames). 64 MiB of headroom for logs."""
-    need = 12 * params * (copies + 1) + (64 << 20)
-    free = shutil.disk_usage(directory).free
-    if free < need:
-        raise OSError(f"only {free / 2**20:,.0f} MiB free under {directory}, and this run's checkpoints need about "
-                      f"{need / 2**20:,.0f} MiB ({params:,} parameters x 12 bytes x {copies + 1} files + logs); "
-                      "free some space or set hydra.run.dir=... to a larger disk")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def library_versions() -> dict[str, str]:
-    import hydra as hydra_pkg
-    import lightning
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
-            "hydra": hydra_pkg.__version__}
 
 
 def build_loggers(cfg: DictConfig, out: Path) -> list:
@@ -123,30 +70,18 @@ def _metric(metrics: dict, key: str) -> Optional[float]:
 
 def evaluate_after_fit(cfg: DictConfig, trainer: L.Trainer, module: LitGPT, datamodule: Any,
                        out: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Validation (and, with ``test_after_training``, test) metrics of the trained weights.
-
-    Under FSDP the trained module cannot be evaluated again (its root parameters stay flattened
-    after ``fit``): the weights are saved to ``checkpoints/final.ckpt`` and each evaluation runs
-    on a fresh module, wrapped anew by a fresh trainer, that loads them."""
+    """Validation (and, with ``test_after_training``, test) metrics of the trained weights; a
+    sharded run keeps them in ``checkpoints/final.ckpt`` (:func:`~attn_lm.parallel.evaluate_trained`)."""
     stages = ["validate"] + (["test"] if cfg.get("test_after_training") else [])
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        results = [getattr(trainer, stage)(module, datamodule=datamodule, verbose=False)[0] for stage in stages]
-    else:
-        final = out / "checkpoints" / "final.ckpt"
-        trainer.save_checkpoint(final)
-        results = []
-        for stage in stages:
-            evaluator: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=[],
-                                               enable_checkpointing=False, enable_model_summary=False)
-            fresh = LitGPT(module.model_config, module.optim, compile=module.compile, on_nonfinite=module.on_nonfinite,
-                           accuracy=module.accuracy, compile_mode=module.compile_mode)
-            results.append(getattr(evaluator, stage)(fresh, datamodule=datamodule, ckpt_path=str(final),
-                                                     verbose=False)[0])
+    results = evaluate_trained(trainer, module, datamodule, stages, out / "checkpoints" / "final.ckpt",
+                               lambda: instantiate(cfg.trainer, default_root_dir=str(out), logger=False, callbacks=[],
+                                                   enable_checkpointing=False, enable_model_summary=False))
     return results[0], (results[1] if len(results) > 1 else {})
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``cfg``; returns the ``results.json`` content."""
+    register_resolvers()  # the Python API is an entry point too: cfg may come from hydra.compose
     out = run_dir()
     scale_structure(cfg)  # before the finished-run check: results.json holds the scaled sizes
     finished = completed_results(out, cfg)  # resumable sweeps: skip_completed=true
@@ -230,8 +165,8 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         callbacks.append(StepProgressBar(refresh_rate=int(cfg.get("progress_refresh", 1))))
     trainer: L.Trainer = instantiate(cfg.trainer, default_root_dir=str(out), logger=loggers or False,
                                      callbacks=callbacks)
-    sharded = isinstance(trainer.strategy, FSDPStrategy)  # also keeps checkpoints/final.ckpt (evaluate_after_fit)
-    check_free_space(out, module.model.num_parameters(), copies=3 if sharded else 2)  # best + last (+ final)
+    # best + last (+ final: a sharded run is evaluated from a checkpoint, see evaluate_after_fit)
+    check_free_space(out, module.model.num_parameters(), copies=3 if is_sharded(trainer.strategy) else 2)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     val, test = evaluate_after_fit(cfg, trainer, module, datamodule, out)
@@ -242,7 +177,6 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     results = {
         "status": "complete",
         "run_dir": str(out),
-        "attention": module.model.layer_types,
         "params": module.model.num_parameters(),
         "steps": trainer.global_step,
         "budget": budget,
@@ -261,16 +195,15 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "wall_time_s": wall,
         "resumed_from_step": resumed_step,
         "warmup_s": warmup[0].seconds if warmup else 0.0,
-        "device": speed.device_name,
+        **run_facts(module.model.layer_types, speed.device_name),
         "precision": str(trainer.precision),
-        "versions": library_versions(),
         "dataset": datamodule.fingerprint,
         "checkpoint": str((periodic[0] if periodic else checkpoint).last_model_path or ""),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:  # one results.json per run, however many ranks
         merge_metric_histories(out / "csv")
-        write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+        write_results(out / "results.json", results)
         log.info("%s", final_line(results, out))
     return results
 
@@ -287,14 +220,11 @@ def final_line(results: dict[str, Any], out: Path) -> str:
     return " | ".join(parts)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-@one_line_errors
-def _main(cfg: DictConfig) -> Optional[float]:
-    results = train(cfg)
-    return results["val_loss"]  # the objective for Hydra sweepers (e.g. Optuna)
+def _job(cfg: DictConfig) -> Optional[float]:
+    return train(cfg)["val_loss"]  # the objective for Hydra sweepers (e.g. Optuna)
 
 
-main = hydra_entry(_main)
+main = hydra_entry("train", _job)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from attn_lm.profiler import time_calls  # noqa: E402  (one timing loop for profiler and benchmarks)
+# One timing loop and one memory measurement for training, the profiler and the benchmarks.
+from attn_lm.devices import peak_memory_mb, reset_peak_memory, synchronize  # noqa: E402
+from attn_lm.profiler import time_calls  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -46,11 +48,6 @@ class Timing:
     over_budget: bool = False
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def benchmark(fn: Callable[[], Any], device: torch.device, target_ms: float = 200.0, min_reps: int = 3,
               max_reps: int = 200, budget_ms: float = math.inf) -> Timing:
     """Median time of ``fn()`` (see the module docstring; ``warmup_ms = target_ms / 4``) and the
@@ -60,7 +57,7 @@ def benchmark(fn: Callable[[], Any], device: torch.device, target_ms: float = 20
     synchronize(device)
     reset_peak_memory(device)
     estimate = time_calls(fn, 1, device)[0]
-    peak = peak_memory_mb(device)
+    peak = cuda_peak_mb(device)
     if estimate > budget_ms:
         return Timing(estimate, 1, peak, over_budget=True)
     per_call = max(estimate, 1e-3)
@@ -69,18 +66,10 @@ def benchmark(fn: Callable[[], Any], device: torch.device, target_ms: float = 20
     return Timing(statistics.median(time_calls(fn, reps, device)), reps, peak)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> Optional[float]:
-    """Peak allocated CUDA memory (MB) since :func:`reset_peak_memory`; ``None`` off CUDA."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+def cuda_peak_mb(device: torch.device) -> Optional[float]:
+    """Peak allocated CUDA memory (MB) since :func:`reset_peak_memory`; ``None`` off CUDA, where
+    the process's peak RSS would count every earlier cell too."""
+    return peak_memory_mb(device)[0] if device.type == "cuda" else None
 
 
 def free_memory_bytes(device: torch.device) -> int:

@@ -183,7 +183,7 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, 
         "step_ms": ms,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12),
-        "peak_mb": common.peak_memory_mb(device),
+        "peak_mb": common.cuda_peak_mb(device),
     }
 
 

@@ -6,9 +6,17 @@ import os
 
 import pytest
 
+from attn_lm.budgets import register_resolvers
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_configure(config) -> None:
+    """Tests compose configs with ``hydra.compose`` and resolve them, as the entry points do after
+    registering the ``${attn_lm.*}`` resolvers (importing the package registers nothing)."""
+    register_resolvers()
 
 
 def pytest_collection_modifyitems(config, items) -> None:

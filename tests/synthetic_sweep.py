@@ -8,7 +8,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 
 
 def run_config(overrides: list[str]) -> dict:

@@ -13,7 +13,7 @@ from attn_lm.attention import reference_mode
 from attn_lm.attention.conf import stale_files
 from attn_lm.attention.config import AttentionDims, AttnLmDeprecationWarning, option_examples
 from attn_lm.attention.functional import reference_attention
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 
 from .helpers import build, context_for, small_config, small_dims
 

@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 
 from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, load_runs, t_halfwidth
-from attn_lm.configure import CONF_DIR
-from attn_lm.sweep import budget_summary, kernel_variants, process_count, steps_for_tokens
+from attn_lm.budgets import budget_summary, kernel_variants, process_count, steps_for_tokens
+from attn_lm.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -270,7 +270,7 @@ def test_sweep_over_gpus_deals_mechanisms_and_resumes(tmp_path, token_cache):
 
 
 def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
-    from attn_lm.launch import deal, split_values
+    from attn_lm.gpu_sweep import deal, split_values
 
     assert deal(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
     assert deal(["a"], 4) == [["a"]]

@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 
 from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, last_crossing, t_halfwidth
-from attn_lm.configure import CONF_DIR, check_run_config, scale_structure
+from attn_lm.cli import CONF_DIR
+from attn_lm.from_hydra import check_run_config, scale_structure
 from attn_lm.data import MQARDataModule
-from attn_lm.sweep import kernel_variants
+from attn_lm.budgets import kernel_variants
 
 from .synthetic_sweep import run_config, write_run
 
@@ -172,10 +173,10 @@ def test_compare_recall_smoke_and_report(tmp_path):
 def test_adding_kernel_variants_keeps_finished_runs(tmp_path):
     from omegaconf import OmegaConf
 
-    from attn_lm.sweep import _plain, completed_results
+    from attn_lm.rundir import completed_results, plain_config
 
     cfg = compose_cfg(["experiment=compare_attention", "attention=full"], hydra=False)
-    (tmp_path / "results.json").write_text(json.dumps({"status": "complete", "config": _plain(cfg)}))
+    (tmp_path / "results.json").write_text(json.dumps({"status": "complete", "config": plain_config(cfg)}))
     again = OmegaConf.merge(cfg, {"compare": {"kernel_variants": True}})
     assert completed_results(tmp_path, again) is not None
     assert completed_results(tmp_path, OmegaConf.merge(cfg, {"compare": {"structure_fraction": 0.25}})) is None

@@ -23,15 +23,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from attn_lm.cli import CONF_DIR
 from attn_lm.data import IGNORE_INDEX, LMDataModule, build_tokenizer, load_corpus, load_tokenizer
-from attn_lm.data import cache as cache_module
+from attn_lm.data import token_store
 from attn_lm.data.sources import carve_holdout
 from attn_lm.data.tokenizers import count_units, split_at_lines
 from attn_lm.data.windows import EvalWindows, RandomWindows
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-PRESETS = REPO / "conf" / "data"
+PRESETS = CONF_DIR / "data"
 
 SAMPLE = (
     "It was the best of times, it was the worst of times,\n"
@@ -300,8 +300,8 @@ def test_second_setup_hits_the_cache(tmp_path: Path, data_corpus_dir: Path, monk
     def forbidden(*args, **kwargs):
         raise AssertionError("cache miss: the corpus was tokenized again")
 
-    monkeypatch.setattr(cache_module, "build_tokenizer", forbidden)
-    monkeypatch.setattr(cache_module, "encode_to_file", forbidden)
+    monkeypatch.setattr(token_store, "build_tokenizer", forbidden)
+    monkeypatch.setattr(token_store, "encode_to_file", forbidden)
     second = make_dm(
         tmp_path, source="text_files", train=str(data_corpus_dir), tokenizer="bpe", vocab_size=300, block_size=32
     )

@@ -1,7 +1,6 @@
 """flash_v1 / flash_v2: the tiled online-softmax algorithms equal dense softmax attention."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

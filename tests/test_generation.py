@@ -16,7 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from attn_lm import GPT, AttentionFactory, GPTConfig
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 from attn_lm.data import LMDataModule
 from attn_lm.generate import generate
 from attn_lm.lit_module import LitGPT

@@ -37,10 +37,11 @@ def test_fsdp_preset_wraps_every_transformer_block():
 def test_optimizer_groups_survive_wrapper_names():
     """Decay groups are decided by name on the unwrapped model, so wrapped names (FSDP,
     activation checkpointing, torch.compile) and flattened shapes still land in the right group."""
-    from attn_lm.lit_module import LitGPT, unwrapped_name
+    from attn_lm.lit_module import LitGPT
+    from attn_lm.parallel import unwrapped_name
 
     cfg = compose_cfg(["debug=smoke"])
-    from attn_lm.configure import gpt_config
+    from attn_lm.from_hydra import gpt_config
 
     module = LitGPT(gpt_config(cfg, vocab_size=64), dict(cfg.optim))
     assert unwrapped_name("blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.qkv.weight") \

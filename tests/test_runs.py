@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from attn_lm.cli import rewrite_arg
 from attn_lm import GPT
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 from attn_lm.data.tokenizers import CharTokenizer, WordTokenizer
 from attn_lm.evaluate import evaluate
 from attn_lm.export import export, from_pretrained, init_weights
@@ -145,6 +147,16 @@ def test_a_live_run_directory_is_refused_at_start(tmp_path, smoke_overrides):
 
 
 # ------------------------------------------------------------------------------ checkpoints (5, 4)
+def test_checkpoints_name_no_module_of_this_package(trained_run):
+    """A checkpoint pickles plain values only (settings as dicts, tensors), so moving or renaming a
+    module of the package never makes an earlier checkpoint unreadable."""
+    with zipfile.ZipFile(trained_run / "checkpoints" / "last.ckpt") as ckpt:
+        pickled = ckpt.read(next(name for name in ckpt.namelist() if name.endswith("data.pkl")))
+    strings = [arg for op, arg, _ in pickletools.genops(pickled) if isinstance(arg, str)]
+    assert any(s.startswith("torch") for s in strings)  # the globals are read: tensors are rebuilt by torch
+    assert not [s for s in strings if s.startswith("attn_lm")]
+
+
 def test_a_run_directory_is_enough_to_evaluate_and_generate(finished_run, tmp_path, monkeypatch, capsys):
     """Trained at block size 24 (the evaluate preset's default is 128): evaluation runs at 24 from
     the checkpoint alone, and generation needs no data preset."""
@@ -232,7 +244,7 @@ def test_init_from_copies_the_weights_and_checks_the_model(finished_run, tmp_pat
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset is Linux-only")
 def test_cpu_peak_memory_is_each_runs_own():
     """A run in a reused worker process (joblib) must not report an earlier run's peak."""
-    from attn_lm.callbacks import peak_memory_mb, reset_peak_memory
+    from attn_lm.devices import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
     big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB resident

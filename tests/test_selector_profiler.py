@@ -166,6 +166,7 @@ def test_selector_returns_a_buildable_causal_config():
 def test_a_long_context_selection_under_a_budget_keeps_the_sparse_patterns():
     """Issue 12: at 8192 tokens the sparse patterns were charged ~1 GB for a dense mask their
     GPU path never builds, so a 500 MB budget pushed the choice off them."""
-    AttentionSelector.select_for_scenario("long_context", seq_len=8192, memory_constraint=500)
-    chosen = AttentionSelector._default.last.chosen
+    selector = AttentionSelector()
+    selector.select_for_scenario("long_context", seq_len=8192, memory_constraint=500)
+    chosen = selector.last.chosen
     assert chosen.tier == 0 and chosen.family == AttentionFactory.get_class(FAMILIES["sparse"]).family

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 from attn_lm.data import LMDataModule, ShardedTokenArray, TokenArray
 from attn_lm.data import sharded as sharded_module
 from attn_lm.data.windows import EvalWindows, RandomWindows

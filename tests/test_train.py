@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from attn_lm.configure import CONF_DIR
+from attn_lm.cli import CONF_DIR
 from attn_lm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,11 +165,11 @@ def test_full_disk_fails_at_start(tmp_path, smoke_overrides, monkeypatch):
     """Too little free space for the checkpoints: a clear error before any training step."""
     import shutil as shutil_module
 
-    from attn_lm import train as train_module
+    from attn_lm import rundir
 
     monkeypatch.chdir(tmp_path)
     usage = shutil_module.disk_usage(tmp_path)
-    monkeypatch.setattr(train_module.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=1 << 20))
     with pytest.raises(OSError, match="MiB free under .*checkpoints need about"):
         train(compose_cfg(smoke_overrides))
     assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.csv"))

@@ -13,7 +13,7 @@ reach the deprecation message.
 Write the files after adding a mechanism or an option (``tests/test_attention_registry.py``
 fails until they match)::
 
-    python -m attn_lm.attention.conf            # into attn_lm.configure.CONF_DIR
+    python -m attn_lm.attention.conf            # into attn_lm.cli.CONF_DIR (the package's conf/)
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def write(conf_dir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    from ..configure import CONF_DIR
+    from ..cli import CONF_DIR
 
     conf_dir = Path(argv[0]) if argv else CONF_DIR
     changed = write(conf_dir)

@@ -6,17 +6,17 @@ Typical use (what Hydra does with ``conf/data/<preset>.yaml``)::
 
     dm = LMDataModule(source="tinyshakespeare", tokenizer="char", block_size=256, root="/data")
     dm.prepare_data(); dm.setup()
-    model = GPT(vocab_size=dm.vocab_size, block_size=dm.block_size, ...)
+    model = GPT(GPTConfig(vocab_size=dm.vocab_size, context_len=dm.block_size, ...))
     ...
     dm.extra_metrics("validation", mean_val_loss)   # {"bits_per_<dm.unit>": ...}, e.g. bits_per_byte
 
 Modules: :mod:`~attn_lm.data.sources` (text of each split), :mod:`~attn_lm.data.tokenizers`,
-:mod:`~attn_lm.data.cache` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
+:mod:`~attn_lm.data.token_store` (tokenize once, memory-map afterwards), :mod:`~attn_lm.data.windows`
 (training and evaluation windows) and :mod:`~attn_lm.data.datamodule`; :mod:`~attn_lm.data.sharded`
 tokenizes ``hub`` datasets bigger than memory into shard memmaps (``sharded=True``).
 """
 
-from .cache import ShardedTokenArray, TokenArray
+from .token_store import ShardedTokenArray, TokenArray
 from .datamodule import LMDataModule
 from .mqar import MQARDataModule
 from .sharded import ShardingOptions, open_or_build_sharded

@@ -38,7 +38,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from .cache import ShardedTokenArray, TokenArray, TokenCache, open_or_build
+from .token_store import ShardedTokenArray, TokenArray, TokenCache, open_or_build
 from .sharded import check_sharding, open_or_build_sharded
 from .sources import SPLITS, PathSpec, check_source_options, load_corpus
 from .tokenizers import Tokenizer, check_same_tokenizer, check_tokenizer_options

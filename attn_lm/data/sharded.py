@@ -1,6 +1,6 @@
 """Corpora bigger than memory: a ``hub`` dataset tokenized straight into sharded token memmaps.
 
-The in-memory path (:func:`~attn_lm.data.sources.load_hub` + :func:`~attn_lm.data.cache.open_or_build`)
+The in-memory path (:func:`~attn_lm.data.sources.load_hub` + :func:`~attn_lm.data.token_store.open_or_build`)
 joins each split into one Python string. With ``sharded=True`` the ``hub`` source comes here
 instead, and no split is ever joined; RAM holds a few batches of rows, whatever the corpus size.
 
@@ -74,18 +74,9 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import write_atomic
-from .cache import CACHE_FORMAT, TokenCache, open_cache, token_dtype
-from .sources import (
-    SPLITS,
-    _hub_files,
-    _load_hub_dataset,
-    _pick_split,
-    check_text_column,
-    hub_row_pieces,
-    join_capped,
-    load_hub,
-)
+from ..rundir import write_atomic
+from .token_store import CACHE_FORMAT, TokenCache, open_cache, token_dtype
+from .sources import SPLITS, check_text_column, hub_files, hub_row_pieces, join_capped, load_hub, open_hub
 from .tokenizers import Tokenizer, build_tokenizer, count_units, load_tokenizer
 
 #: Rows per encoded batch (per ``map`` call, per streamed batch): the unit of RAM use.
@@ -155,6 +146,25 @@ def check_sharding(
     return ShardingOptions(**given)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What one cache entry is built from: the opened dataset, the tokenizer kind and size asked
+    for, the sharding, :func:`~attn_lm.data.sources.load_hub`'s arguments (``opts``) and the
+    dataset split each role reads (``None``: carved from train)."""
+
+    dataset: Any
+    kind: str
+    vocab_size: int | None
+    sharding: ShardingOptions
+    opts: Mapping[str, Any]
+    chosen: Mapping[str, str | None]
+
+    @property
+    def missing(self) -> list[str]:
+        """The roles carved from the training split."""
+        return [role for role, split in self.chosen.items() if split is None]
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -172,7 +182,7 @@ def open_or_build_sharded(
     ``hub_options`` are :func:`~attn_lm.data.sources.load_hub`'s arguments (same names, same
     defaults). Opening the dataset is ``datasets.load_dataset`` (for a non-streaming dataset that
     prepares its Arrow files once); a complete entry is then used without reading any text.
-    Returns the cache (tokenizer + token arrays, :class:`~attn_lm.data.cache.ShardedTokenArray`
+    Returns the cache (tokenizer + token arrays, :class:`~attn_lm.data.token_store.ShardedTokenArray`
     per split) and the corpus description for ``results.json``.
     """
     hub = inspect.signature(load_hub).bind(**hub_options)
@@ -180,31 +190,19 @@ def open_or_build_sharded(
     opts = dict(hub.arguments)
     if not 0.0 < opts["holdout_fraction"] < 0.5:
         raise ValueError(f"holdout_fraction must be in (0, 0.5), got {opts['holdout_fraction']}")
-    dataset = _load_hub_dataset(opts["path"], opts["name"], opts["data_files"], opts["revision"], opts["streaming"])
-    available = list(dataset.keys())
-    chosen = {
-        "train": _pick_split(opts["path"], "train", opts["train"], (), available),
-        "validation": _pick_split(opts["path"], "validation", opts["validation"], ("validation", "valid", "dev"), available),
-        "test": _pick_split(opts["path"], "test", opts["test"], ("test",), available),
-    }
-    missing = [role for role, split in chosen.items() if split is None]
-    directory = Path(cache_dir).expanduser() / entry_name(tokenizer, vocab_size, sharding, opts, chosen, missing, dataset)
+    dataset, chosen = open_hub(opts["path"], opts["name"], opts["data_files"], opts["revision"], opts["streaming"],
+                               opts["train"], opts["validation"], opts["test"])
+    entry = Entry(dataset, tokenizer, vocab_size, sharding, opts, chosen)
+    directory = Path(cache_dir).expanduser() / entry_name(entry)
     if not entry_complete(directory):
-        _build(directory, dataset, tokenizer, vocab_size, sharding, opts, chosen, missing)
+        _build(directory, entry)
     cache = open_cache(directory)
     return cache, cache.meta["corpus"]
 
 
-def entry_name(
-    kind: str,
-    vocab_size: int | None,
-    sharding: ShardingOptions,
-    opts: Mapping[str, Any],
-    chosen: Mapping[str, str | None],
-    missing: Sequence[str],
-    dataset: Any,
-) -> str:
+def entry_name(entry: Entry) -> str:
     """Directory name of the entry (see the module docstring for what the key covers)."""
+    kind, sharding, opts, chosen, missing = entry.kind, entry.sharding, entry.opts, entry.chosen, entry.missing
     used = sorted({s for s in chosen.values() if s is not None})
     if opts["streaming"]:
         data: dict[str, Any] = {
@@ -216,7 +214,7 @@ def entry_name(
             "shard_tokens": sharding.shard_tokens if missing else None,  # where the holdout is cut
         }
     else:
-        data = {"fingerprints": {split: dataset[split]._fingerprint for split in used}}
+        data = {"fingerprints": {split: entry.dataset[split]._fingerprint for split in used}}
     material = {
         "format": CACHE_FORMAT,
         "layout": "sharded",
@@ -226,7 +224,7 @@ def entry_name(
         "max_chars": opts["max_chars"],
         "holdout_fraction": opts["holdout_fraction"] if missing else None,
         "tokenizer": kind,
-        "vocab_size": vocab_size,
+        "vocab_size": entry.vocab_size,
         "tokenizer_sample_chars": None if kind == "byte" else sharding.tokenizer_sample_chars,
     }
     digest = hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -290,45 +288,31 @@ class RowSpan:
         return self.stop - self.start + (1 if self.tail else 0)
 
 
-def _build(
-    directory: Path,
-    dataset: Any,
-    kind: str,
-    vocab_size: int | None,
-    sharding: ShardingOptions,
-    opts: Mapping[str, Any],
-    chosen: Mapping[str, str | None],
-    missing: Sequence[str],
-) -> None:
+def _build(directory: Path, entry: Entry) -> None:
     """Train the tokenizer, encode every split into shard files, then write ``meta.json``."""
     directory.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(directory)
     work = directory / f".build-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     try:
-        if opts["streaming"]:
-            shards, tokenizer, timing, description = _build_streaming(work, dataset, kind, vocab_size, sharding, opts, chosen, missing)
-        else:
-            shards, tokenizer, timing, description = _build_arrow(work, dataset, kind, vocab_size, sharding, opts, chosen, missing)
-        _finalize(directory, work, tokenizer, vocab_size, shards, timing, description, opts, chosen, missing, sharding)
+        build = _build_streaming if entry.opts["streaming"] else _build_arrow
+        shards, tokenizer, timing, description = build(work, entry)
+        _finalize(directory, work, entry, tokenizer, shards, timing, description)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_arrow(
-    work: Path,
-    dataset: Any,
-    kind: str,
-    vocab_size: int | None,
-    sharding: ShardingOptions,
-    opts: Mapping[str, Any],
-    chosen: Mapping[str, str | None],
-    missing: Sequence[str],
-) -> tuple[dict[str, list[dict[str, Any]]], Tokenizer, dict[str, Any], dict[str, Any]]:
+#: What building the shards returns: the shards of each role, the tokenizer, the timing and each
+#: role's description (the dataset split it came from, its rows and fingerprint where known).
+Built = tuple[dict[str, list[dict[str, Any]]], Tokenizer, dict[str, Any], dict[str, Any]]
+
+
+def _build_arrow(work: Path, entry: Entry) -> Built:
     """Non-streaming: plan row spans (cap, carve), train the tokenizer, ``map`` every span."""
+    dataset, sharding, opts, missing = entry.dataset, entry.sharding, entry.opts, entry.missing
     path, text_field = opts["path"], opts["text_field"]
     spans: dict[str, RowSpan] = {}
-    for role, split in chosen.items():
+    for role, split in entry.chosen.items():
         if split is not None:
             check_text_column(dataset[split], text_field, path)
             spans[role] = _capped_span(dataset[split], split, text_field, path, opts["max_chars"])
@@ -336,7 +320,8 @@ def _build_arrow(
         spans.update(carve_rows(spans["train"], missing, opts["holdout_fraction"]))
     started = time.perf_counter()
     tokenizer, tokenizer_file, dtype = _train_tokenizer(
-        work, kind, vocab_size, _span_pieces(dataset, spans["train"], text_field, path), sharding.tokenizer_sample_chars
+        work, entry.kind, entry.vocab_size, _span_pieces(dataset, spans["train"], text_field, path),
+        sharding.tokenizer_sample_chars,
     )
     trained = time.perf_counter()
     shards: dict[str, list[dict[str, Any]]] = {}
@@ -496,23 +481,15 @@ def encode_rows_into_shard(
     return {"shard": [shard], **{unit: [value] for unit, value in counts.items()}}
 
 
-def _build_streaming(
-    work: Path,
-    dataset: Any,
-    kind: str,
-    vocab_size: int | None,
-    sharding: ShardingOptions,
-    opts: Mapping[str, Any],
-    chosen: Mapping[str, str | None],
-    missing: Sequence[str],
-) -> tuple[dict[str, list[dict[str, Any]]], Tokenizer, dict[str, Any], dict[str, Any]]:
+def _build_streaming(work: Path, entry: Entry) -> Built:
     """Streaming: train the tokenizer on the stream's head, stream every split into rolling shards."""
+    dataset, sharding, opts, chosen = entry.dataset, entry.sharding, entry.opts, entry.chosen
     path, text_field, max_chars = opts["path"], opts["text_field"], opts["max_chars"]
     started = time.perf_counter()
     train_split = chosen["train"]
     assert train_split is not None
     tokenizer, tokenizer_file, dtype = _train_tokenizer(
-        work, kind, vocab_size, capped_batches(dataset[train_split], text_field, path, max_chars),
+        work, entry.kind, entry.vocab_size, capped_batches(dataset[train_split], text_field, path, max_chars),
         sharding.tokenizer_sample_chars,
     )
     trained = time.perf_counter()
@@ -528,8 +505,8 @@ def _build_streaming(
                 writer.write(ids, counts)
             done[split] = writer.close()
         shards[role] = done[split]
-    if missing:
-        shards.update(carve_shards(shards["train"], missing, opts["holdout_fraction"]))
+    if entry.missing:
+        shards.update(carve_shards(shards["train"], entry.missing, opts["holdout_fraction"]))
     timing = {"tokenizer_seconds": trained - started, "encode_seconds": time.perf_counter() - trained}
     description = {role: {"dataset_split": chosen[role] or train_split} for role in SPLITS}
     return shards, tokenizer, timing, description
@@ -686,21 +663,11 @@ def _tokenizers_parallelism_off() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _finalize(
-    directory: Path,
-    work: Path,
-    tokenizer: Tokenizer,
-    vocab_size: int | None,
-    shards: Mapping[str, list[dict[str, Any]]],
-    timing: dict[str, Any],
-    description: dict[str, Any],
-    opts: Mapping[str, Any],
-    chosen: Mapping[str, str | None],
-    missing: Sequence[str],
-    sharding: ShardingOptions,
-) -> None:
+def _finalize(directory: Path, work: Path, entry: Entry, tokenizer: Tokenizer, shards: Mapping[str, list[dict[str, Any]]],
+              timing: dict[str, Any], description: dict[str, Any]) -> None:
     """Move the shard files into the entry as ``<split>-<k>.bin`` (a file shared by two splits
     keeps its first name), then the tokenizer, then write ``meta.json`` last."""
+    opts, sharding, missing = entry.opts, entry.sharding, entry.missing
     dtype = token_dtype(tokenizer.vocab_size)
     names: dict[Path, str] = {}
     splits: dict[str, Any] = {}
@@ -729,10 +696,10 @@ def _finalize(
         "source": "hub",
         "layout": "sharded",
         **{k: opts[k] for k in ("path", "name", "revision", "data_files", "text_field", "streaming", "max_chars")},
-        "dataset_splits": dict(chosen),
+        "dataset_splits": dict(entry.chosen),
         "tokenizer_sample_chars": None if tokenizer.kind == "byte" else sharding.tokenizer_sample_chars,
         "splits": {
-            role: {"files": _hub_files(opts["path"], opts["name"], opts["data_files"], description[role]["dataset_split"]),
+            role: {"files": hub_files(opts["path"], opts["name"], opts["data_files"], description[role]["dataset_split"]),
                    **description[role]}
             for role in SPLITS
         },
@@ -744,7 +711,7 @@ def _finalize(
         "format": CACHE_FORMAT,
         "layout": "sharded",
         "dtype": dtype.name,
-        "tokenizer": {**tokenizer.settings(), "requested_vocab_size": vocab_size},
+        "tokenizer": {**tokenizer.settings(), "requested_vocab_size": entry.vocab_size},
         "corpus": corpus,
         "build": {
             "num_proc": sharding.num_proc,

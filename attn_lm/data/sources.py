@@ -3,7 +3,7 @@
 A *source* is a function returning a :class:`Corpus`: the raw text of the ``train``,
 ``validation`` and ``test`` splits and enough provenance (files, Python version, hub arguments)
 to say exactly what a model was trained on. Tokenization and caching happen later
-(:mod:`attn_lm.data.cache`), so every source only has to produce text.
+(:mod:`attn_lm.data.token_store`), so every source only has to produce text.
 
 Sources (the names accepted by :func:`load_corpus`):
 
@@ -52,7 +52,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from .atomic import write_atomic
+from ..rundir import write_atomic
 
 SPLITS = ("train", "validation", "test")
 
@@ -345,18 +345,12 @@ def load_hub(
     a split that does not exist is carved from the end of train. ``max_chars`` caps each split
     (with ``streaming=True`` only that much is ever downloaded).
     """
-    dataset = _load_hub_dataset(path, name, data_files, revision, streaming)
-    available = list(dataset.keys())
-    chosen = {
-        "train": _pick_split(path, "train", train, (), available),
-        "validation": _pick_split(path, "validation", validation, ("validation", "valid", "dev"), available),
-        "test": _pick_split(path, "test", test, ("test",), available),
-    }
+    dataset, chosen = open_hub(path, name, data_files, revision, streaming, train, validation, test)
     read: dict[str, str] = {}
     for split in dict.fromkeys(s for s in chosen.values() if s is not None):
         read[split], _ = join_capped(_hub_rows(dataset[split], text_field, path), max_chars)
     texts = {role: read[split] for role, split in chosen.items() if split is not None}
-    files = {role: _hub_files(path, name, data_files, split) for role, split in chosen.items() if split is not None}
+    files = {role: hub_files(path, name, data_files, split) for role, split in chosen.items() if split is not None}
     details: dict[str, Any] = {
         "path": path,
         "name": name,
@@ -369,10 +363,20 @@ def load_hub(
     return _corpus_with_holdout("hub", texts, files, details, missing, holdout_fraction)
 
 
-def _load_hub_dataset(path: str, name: Optional[str], data_files: Any, revision: Optional[str], streaming: bool) -> Any:
+def open_hub(path: str, name: Optional[str], data_files: Any, revision: Optional[str], streaming: bool,
+             train: str, validation: Optional[str], test: Optional[str]) -> tuple[Any, dict[str, Optional[str]]]:
+    """The dataset (``datasets.load_dataset``) and the split each role reads: the one asked for,
+    else the conventional name that exists, else ``None`` (carved from train). Both the in-memory
+    and the sharded (:mod:`attn_lm.data.sharded`) paths open a hub dataset this way."""
     import datasets  # heavy import, only needed for this source
 
-    return datasets.load_dataset(path, name=name, data_files=data_files, revision=revision, streaming=streaming)
+    dataset = datasets.load_dataset(path, name=name, data_files=data_files, revision=revision, streaming=streaming)
+    available = list(dataset.keys())
+    return dataset, {
+        "train": _pick_split(path, "train", train, (), available),
+        "validation": _pick_split(path, "validation", validation, ("validation", "valid", "dev"), available),
+        "test": _pick_split(path, "test", test, ("test",), available),
+    }
 
 
 def _pick_split(
@@ -413,7 +417,8 @@ def hub_row_pieces(values: Iterable[Any], text_field: str, path: str) -> Iterato
         yield _as_lines(value)
 
 
-def _hub_files(path: str, name: Optional[str], data_files: Any, split: str) -> list[str]:
+def hub_files(path: str, name: Optional[str], data_files: Any, split: str) -> list[str]:
+    """The files (or ``path/name:split``) that a split was read from, for the corpus description."""
     if isinstance(data_files, Mapping) and split in data_files:
         entry = data_files[split]
         return [str(entry)] if isinstance(entry, (str, os.PathLike)) else [str(e) for e in entry]

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import write_atomic
+from ..rundir import write_atomic
 
 TOKENIZERS = ("char", "byte", "word", "bpe")
 UNK = "<unk>"
@@ -121,11 +121,26 @@ class ByteTokenizer(Tokenizer):
         return cls()
 
 
-class CharTokenizer(Tokenizer):
+class VocabularyTokenizer(Tokenizer):
+    """A tokenizer whose whole state is its vocabulary: the attribute named by ``vocabulary``,
+    which is also the one argument of its constructor."""
+
+    vocabulary: ClassVar[str]
+
+    def state(self) -> dict[str, Any]:
+        return {self.vocabulary: getattr(self, self.vocabulary)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "VocabularyTokenizer":
+        return cls(state[cls.vocabulary])
+
+
+class CharTokenizer(VocabularyTokenizer):
     """One id per Unicode character of the training text (sorted by code point), then ``<unk>``."""
 
     kind = "char"
     unit = "char"
+    vocabulary = "chars"
 
     def __init__(self, chars: str) -> None:
         """``chars``: any text; its distinct characters are the vocabulary."""
@@ -157,15 +172,8 @@ class CharTokenizer(Tokenizer):
         table = self.chars + REPLACEMENT_CHAR
         return "".join(table[i] for i in np.asarray(ids).tolist())
 
-    def state(self) -> dict[str, Any]:
-        return {"chars": self.chars}
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "CharTokenizer":
-        return cls(state["chars"])
-
-
-class WordTokenizer(Tokenizer):
+class WordTokenizer(VocabularyTokenizer):
     """Whitespace-separated words plus ``<eos>`` at the end of every line.
 
     The vocabulary is ``<eos>``, ``<unk>`` and the training words by decreasing count (ties in
@@ -175,6 +183,7 @@ class WordTokenizer(Tokenizer):
 
     kind = "word"
     unit = "word"
+    vocabulary = "words"
     eos_id = 0
     unk_id = 1
 
@@ -220,13 +229,6 @@ class WordTokenizer(Tokenizer):
                 line.append(self.words[i])
         out.append(" ".join(line))
         return "".join(out)
-
-    def state(self) -> dict[str, Any]:
-        return {"words": self.words}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "WordTokenizer":
-        return cls(state["words"])
 
 
 class BPETokenizer(Tokenizer):

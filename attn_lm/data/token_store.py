@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .atomic import atomic_writer, write_atomic
+from ..rundir import atomic_writer, write_atomic
 from .sources import SPLITS, Corpus
 from .tokenizers import Tokenizer, build_tokenizer, count_units, load_tokenizer, split_at_lines
 

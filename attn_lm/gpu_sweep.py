@@ -44,7 +44,7 @@ def split_values(overrides: Sequence[str], key: str) -> tuple[list[str], list[st
     if values is None:
         if key != "attention":
             raise ValueError(f"--split {key}: no '{key}=a,b,...' among the overrides")
-        from .sweep import sweep_mechanisms
+        from .budgets import sweep_mechanisms
 
         values = sweep_mechanisms("compare.kernel_variants=true" in rest).split(",")
     if not values:

@@ -9,7 +9,6 @@ selected ``attention`` group option, that node, with its overrides, is used) or 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, NamedTuple, get_args, get_type_hints
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -17,11 +16,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .attention import AttentionFactory
 from .attention.config import deprecated
 from .attention.factory import canonical_name
+from .cli import CONF_DIR
 from .config import AttentionConfig, GPTConfig, attention_config_from_dict
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def _as_dict(node: Any) -> dict[str, Any]:

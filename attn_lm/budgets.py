@@ -1,4 +1,4 @@
-"""Sweeps over mechanisms: training budgets and resumable multiruns.
+"""Training budgets of a comparison, and the resolvers its presets compute with.
 
 Budgets (``conf/experiment/compare_attention.yaml``): every run of a comparison gets the same
 budget, one of
@@ -14,22 +14,17 @@ budget, one of
 :func:`budget_summary` reads back which limit applied from a resolved config (it goes into
 ``results.json`` and the comparison report).
 
-Resumable multiruns: the preset gives every job a deterministic directory
-(``multirun/<experiment_name>/<overrides>``) and sets ``skip_completed: true``; re-running the
-same multirun then skips each job whose ``results.json`` is complete for the same config
-(:func:`completed_results`) and runs the others (new, failed or interrupted ones) again.
+The presets compute with the ``${attn_lm.*}`` resolvers defined here (token budget in steps,
+integer division, the list of mechanisms to sweep); :func:`register_resolvers` registers them.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from .attention import AttentionFactory
 
 
 def process_count(devices: Any = 1, num_nodes: Any = 1) -> int:
@@ -72,30 +67,32 @@ def _budget_steps(steps: Optional[int], tokens: Optional[int], batch_size: int, 
     return -1 if steps is None else int(steps)
 
 
-OmegaConf.register_new_resolver("attn_lm.budget_steps", _budget_steps, replace=True)
-# ${attn_lm.div:a,b}: integer a // b, e.g. a batch size that keeps tokens per step constant.
-OmegaConf.register_new_resolver("attn_lm.div", lambda a, b: max(1, int(a) // int(b)), replace=True)
+def _div(a: Any, b: Any) -> int:
+    """Resolver ``${attn_lm.div:a,b}``: integer ``a // b`` (at least 1), e.g. a batch size that
+    keeps tokens per step constant."""
+    return max(1, int(a) // int(b))
 
 
 def kernel_variants() -> list[str]:
     """Mechanisms that compute another one's function with another kernel (``kernel_of``): rows
     of the speed tables (scripts/bench_*), not of the quality sweeps, where they would repeat
     its numbers."""
-    from .attention import AttentionFactory
-
     return [n for n in AttentionFactory.names() if AttentionFactory.get_class(n).kernel_of]
 
 
 def sweep_mechanisms(with_kernel_variants: bool = False) -> str:
     """Resolver ``${attn_lm.mechanisms:${compare.kernel_variants}}``: every registered mechanism as
     a sweep value list (``full,local,...``), without :func:`kernel_variants` unless asked."""
-    from .attention import AttentionFactory
-
     skip = set() if with_kernel_variants else set(kernel_variants())
     return ",".join(n for n in AttentionFactory.names() if n not in skip)
 
 
-OmegaConf.register_new_resolver("attn_lm.mechanisms", sweep_mechanisms, replace=True)
+def register_resolvers() -> None:
+    """Make the ``${attn_lm.*}`` resolvers of the presets known to OmegaConf. Called by every
+    entry point (and in every process that runs a job) before a config is resolved; importing
+    this package registers nothing. Idempotent."""
+    for name, resolver in (("budget_steps", _budget_steps), ("div", _div), ("mechanisms", sweep_mechanisms)):
+        OmegaConf.register_new_resolver(f"attn_lm.{name}", resolver, replace=True)
 
 
 def budget_summary(config: Mapping[str, Any], processes: Optional[int] = None) -> dict[str, Any]:
@@ -144,42 +141,3 @@ def si(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:g}"
-
-
-def _plain(cfg: DictConfig) -> Any:
-    """The resolved config as ``results.json`` stores it (JSON types only)."""
-    return json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str))
-
-
-def _run_defining(config: Any) -> Any:
-    """A stored config without the keys that choose which jobs a sweep has, not what a job does
-    (``compare.kernel_variants``: adding the kernel rows must not re-run the others)."""
-    if not isinstance(config, dict) or not isinstance(config.get("compare"), dict):
-        return config
-    return {**config, "compare": {k: v for k, v in config["compare"].items() if k != "kernel_variants"}}
-
-
-def completed_results(out: Path, cfg: DictConfig) -> Optional[dict[str, Any]]:
-    """The ``results.json`` of a finished run of the same config in ``out``, when ``cfg.skip_completed``.
-
-    ``None`` (run it) when skipping is off, there is no ``results.json``, it is unreadable or
-    not ``status == "complete"``, or it was written for a different config.
-    """
-    if not cfg.get("skip_completed"):
-        return None
-    path = Path(out) / "results.json"
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as err:
-        log.warning("re-running %s: its results.json is unreadable (%s)", out, err)
-        return None
-    if results.get("status") != "complete":
-        log.warning("re-running %s: results.json has status %r", out, results.get("status"))
-        return None
-    if _run_defining(results.get("config")) != _run_defining(_plain(cfg)):
-        log.warning("re-running %s: results.json was written for a different config", out)
-        return None
-    log.info("skipping %s: complete results.json for the same config (skip_completed=false re-runs it)", out)
-    return results
