@@ -10,7 +10,7 @@ import dataclasses
 
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig, TransformerBlock
 from attn_lm.attention import reference_mode
-from attn_lm.attention.config import AttentionDims, AttnLmDeprecationWarning
+from attn_lm.attention.config import AttentionDims, AttnLmDeprecationWarning, attention_config_from_dict
 from attn_lm.config import gpt_config_from_dict
 
 
@@ -96,6 +96,24 @@ def test_a_config_saved_before_the_options_redesign_still_loads():
     assert layer.position == "rope"  # the old "none" meant "inherit the model's"
     assert (layer.options.window_size, layer.options.sparse_block, layer.options.layout_seed) == (4, 8, 3)
     assert GPT(cfg).blocks[0].attn.random_layout.shape == (4, 4)
+
+
+def test_options_left_unset_before_the_redesign_keep_that_versions_defaults():
+    """A Python-API config saved before the redesign with options unset (None) meant the
+    mechanism's defaults of that version, some of which changed (local's window 256 -> 64, mla's
+    kv_rank 128 -> 64): the converted config keeps the old values, so the model computes the same
+    function and its weights keep their shapes."""
+    def old_layer(name):
+        return {"attention_type": name, "d_model": 32, "n_heads": 4, "dropout": 0.0, "causal": True, "bias": False,
+                "max_seq_len": 32, "position": "none", "window_size": None, "kv_rank": None, "rope_dim": None}
+
+    with pytest.warns(AttnLmDeprecationWarning, match="pre-redesign format"):
+        local, mla = (attention_config_from_dict(old_layer(n)) for n in ("local", "mla"))
+    assert local.options == {"window_size": 256}
+    assert mla.options == {"kv_rank": 128, "rope_dim": 32}
+    with pytest.warns(AttnLmDeprecationWarning):
+        kept = attention_config_from_dict({**old_layer("local"), "window_size": 8})
+    assert kept.options == {"window_size": 8}  # a value that was set is kept as it was
 
 
 def test_block_size_is_the_deprecated_name_of_context_len():

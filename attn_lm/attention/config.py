@@ -26,6 +26,20 @@ ATTENTION_POSITIONS = ("none", "rope", "xpos", "alibi")
 ROPE_DEFAULTS = {"rope_base": 10000.0, "rope_fraction": 1.0, "xpos_scale_base": 512.0}
 #: Fields of the pre-redesign AttentionConfig that are model dimensions (now :class:`AttentionDims`).
 LEGACY_DIMS = ("d_model", "n_heads", "dropout", "bias", "max_seq_len")
+#: Mechanism defaults before the redesign, where they differ from today's (they were unified with
+#: the values the Hydra configs always used). A config saved then with such an option unset
+#: (``None``: "the mechanism's default") is converted with these, so it keeps computing the same
+#: function and its weights keep their shapes. Keyed by the names (aliases too) saved then.
+PRE_REDESIGN_DEFAULTS = {
+    "local": {"window_size": 256},
+    "longformer": {"window_size": 256},
+    "sink": {"window_size": 256},
+    "bigbird": {"window_size": 256, "block_size": 64},
+    "linformer": {"proj_len": 64, "chunk_size": 256},
+    "nystrom": {"num_landmarks": 32, "chunk_size": 128},
+    "nystromformer": {"num_landmarks": 32, "chunk_size": 128},
+    "mla": {"kv_rank": 128, "rope_dim": 32},
+}
 
 
 class AttnLmDeprecationWarning(FutureWarning):
@@ -168,8 +182,9 @@ def attention_config_from_dict(values: Mapping[str, Any], **overrides: Any) -> A
     ``dataclasses.asdict`` writes) or the flat Hydra form (options next to ``attention_type``;
     ``None`` = unset). A mapping of the pre-redesign format (it carries the model dimensions)
     is converted, with a deprecation message: its dimensions were always overwritten by the model
-    and are dropped, its ``position="none"`` meant "inherit", and its options are renamed where
-    they were renamed. Which keys are options is checked against the mechanism later."""
+    and are dropped, its ``position="none"`` meant "inherit", its unset options take that
+    version's defaults (:data:`PRE_REDESIGN_DEFAULTS`), and its options are renamed where they
+    were renamed. Which keys are options is checked against the mechanism later."""
     merged = {**dict(values), **overrides}
     legacy = [k for k in LEGACY_DIMS if k in merged]
     if legacy:
@@ -177,8 +192,12 @@ def attention_config_from_dict(values: Mapping[str, Any], **overrides: Any) -> A
             merged.pop(key)
         if merged.get("position") == "none":
             merged["position"] = None
+        for key, value in PRE_REDESIGN_DEFAULTS.get(merged.get("attention_type", "full"), {}).items():
+            if merged.get(key) is None:
+                merged[key] = value
         deprecated(f"attention config in the pre-redesign format (it has {legacy}); converted: model dimensions "
-                   "dropped, position 'none' read as 'inherit the model's', options moved under 'options'. "
+                   "dropped, position 'none' read as 'inherit the model's', options moved under 'options', unset "
+                   "options given the defaults of that version. "
                    "Re-save it (e.g. attn_lm.checkpoint / dataclasses.asdict of the loaded config) to convert it")
     options = dict(merged.pop("options", None) or {})
     common = {k: v for k in COMMON_FIELDS if k in merged and (v := merged.pop(k)) is not None}
