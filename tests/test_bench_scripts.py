@@ -124,3 +124,25 @@ def test_bench_decode_tiny():
     # A recurrent state reads the same bytes at every context; a KV cache reads more.
     kv_mb = {(row[0], row[1]): float(row[4]) for row in scaling}
     assert kv_mb[("linear", "16")] == kv_mb[("linear", "32")] and kv_mb[("full", "16")] < kv_mb[("full", "32")]
+
+
+def test_profile_loop_reports_the_host_ops_of_a_cpu_run(tmp_path, token_cache):
+    """scripts/profile_loop.py runs the real training job with its overrides and writes the
+    profile of the chosen steps (on CPU: the host-op table; the GPU sections need CUDA)."""
+    report = tmp_path / "loop.txt"
+    run_script("profile_loop.py", "--profile-steps", "4", "8", "--out", str(report), "--",
+               "debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000", "trainer.max_steps=10",
+               "trainer.enable_progress_bar=false", "test_after_training=false", f"hydra.run.dir={tmp_path / 'run'}")
+    text = report.read_text()
+    assert "## Profile over 4 steps" in text and "no CUDA kernels" in text
+    assert "Optimizer.step" in text  # the host ops of the optimizer steps were profiled
+
+
+def test_idle_gaps_of_kernel_intervals():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("profile_loop", SCRIPTS / "profile_loop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    busy, gaps = module.idle_gaps([(0, 10), (5, 20), (30, 35), (50, 51)])
+    assert busy == 26 and gaps == [(15, 35), (10, 20)]
