@@ -39,7 +39,8 @@ shape (``--loop-overrides`` picks the data, default Tiny Shakespeare at characte
 ``$ATTN_LM_DATA_ROOT``), reads its measured step time from ``results.json`` (Lightning loop,
 data loading, logging, gradient clipping, LR schedule; compilation and evaluation excluded by
 the SpeedMonitor), and times the bare compiled step of the *same* model (its checkpoint's
-config, same optimizer and clipping) in this process: their ratio is the loop's overhead
+config, same optimizer and clipping, on a batch of the loop's own data; the same compiled step on
+random tokens is printed beside it) in this process: their ratio is the loop's overhead
 (``--max-loop-overhead``). ``--nanogpt-dir DIR`` also runs nanoGPT's own ``train.py`` from
 ``DIR`` (prepared as ``../shared/tools/nanogpt-baseline.sh`` describes) at that shape in the same
 call and compares tokens/s (``--min-loop-ratio``).
@@ -158,8 +159,13 @@ def compile_model(model: nn.Module, mode: str = "default") -> nn.Module:
 
 
 def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, compiled: bool,
-            vocab_size: int, clip: Optional[float] = None) -> dict[str, Any]:
-    """Warm-up then timed training steps of ``model``; returns the row's measurements."""
+            vocab_size: int, clip: Optional[float] = None,
+            batch: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Any]:
+    """Warm-up then timed training steps of ``model`` on one fixed batch (``batch``, else random
+    tokens); returns the row's measurements. With ``batch`` the same compiled model is also timed
+    on random tokens (``random_tokens_ms``): the work of some kernels depends on the token ids
+    (the embedding gradient adds every position's gradient into its token's row, so a skewed
+    distribution of real text contends more than uniform ids)."""
     device = args.device
     model = model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -167,24 +173,31 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, 
                                   fused=device.type == "cuda")
     runner = compile_model(model, args.compile_mode) if compiled else model
     gen = torch.Generator(device=device).manual_seed(0)
-    idx, targets = (torch.randint(vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
-                    for _ in range(2))
-    step = train_step(runner, optimizer, idx, targets, common.DTYPES[args.dtype] if args.dtype != "fp32" else None,
-                      clip)
+    random_batch = tuple(torch.randint(vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
+                         for _ in range(2))
+    amp = common.DTYPES[args.dtype] if args.dtype != "fp32" else None
+    step = train_step(runner, optimizer, *(random_batch if batch is None else (t.to(device) for t in batch)), amp, clip)
     for _ in range(args.warmup_steps):
         step()
     common.reset_peak_memory(device)
     ms = statistics.median(common.time_calls(step, args.steps, device))
+    peak_mb = common.cuda_peak_mb(device)
     tokens_per_s = args.batch_size * args.seq_len / (ms * 1e-3)
     if args.profile:
         print_profile(step, device, args.profile)
-    return {
+    row = {
         "params_m": n_params / 1e6,
         "step_ms": ms,
         "tokens_per_s": tokens_per_s,
         "mfu": tokens_per_s * flops_per_token / (peak_tflops * 1e12),
-        "peak_mb": common.cuda_peak_mb(device),
+        "peak_mb": peak_mb,
     }
+    if batch is not None:  # same shapes: the compiled graph is reused
+        random_step = train_step(runner, optimizer, *random_batch, amp, clip)
+        random_step()
+        row["random_tokens_ms"] = statistics.median(common.time_calls(random_step, args.steps, device))
+        row["note"] = f"its data; random tokens: {row['random_tokens_ms']:.2f} ms"
+    return row
 
 
 def print_profile(step: Callable[[], None], device: torch.device, rows: int, steps: int = 3) -> None:
@@ -203,7 +216,7 @@ def print_profile(step: Callable[[], None], device: torch.device, rows: int, ste
 
 def run(name: str, mode: str, build: Callable[[], tuple[nn.Module, float]], args, peak_tflops: float,
         table: common.MarkdownTable, out: common.JsonLines, vocab_size: Optional[int] = None,
-        clip: Optional[float] = None) -> dict[str, Any]:
+        clip: Optional[float] = None, batch: Optional[tuple[Tensor, Tensor]] = None) -> dict[str, Any]:
     """Build (``build`` returns the model and its FLOPs per token) and benchmark one model in one
     mode; an OOM or error is reported in the row and the next model still runs."""
     row: dict[str, Any] = {"name": name, "mode": mode, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -212,7 +225,7 @@ def run(name: str, mode: str, build: Callable[[], tuple[nn.Module, float]], args
     try:
         model, flops_per_token = build()
         row.update(measure(model, flops_per_token, args, peak_tflops, mode == "compiled",
-                           vocab_size or args.vocab_size, clip), flops_per_token=flops_per_token)
+                           vocab_size or args.vocab_size, clip, batch), flops_per_token=flops_per_token)
     except Exception as error:  # one failing mechanism must not end the sweep
         row["note"] = common.describe_error(error)
     finally:
@@ -259,6 +272,18 @@ def loop_model(results: dict[str, Any]) -> GPT:
     return GPT(gpt_config_from_dict(hparams["model_config"]))
 
 
+def loop_batch(results: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The loop's first training batch (its data module, built from the run's resolved config):
+    the bare step trains on the loop's own data, so both do the same work."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(results["config"]["data"])
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    x, y = next(iter(datamodule.train_dataloader()))
+    return x, y
+
+
 def run_nanogpt_train_py(nanogpt_dir: Path, args) -> float:
     """Median ms/iteration of nanoGPT's own train.py at this shape (iterations 30 on, as
     nanogpt-baseline.sh does), character-level Tiny Shakespeare prepared in ``nanogpt_dir``."""
@@ -296,7 +321,7 @@ def measure_loop(args, peak: float, table: common.MarkdownTable, out: common.Jso
         return model, model.flops_per_token(args.seq_len)
 
     bare = run("bare step of the loop's model", mode, build, args, peak, table, out,
-               vocab_size=loop_model(results).config.vocab_size, clip=clip)
+               vocab_size=loop_model(results).config.vocab_size, clip=clip, batch=loop_batch(results))
     loop_row = {"name": "python -m attn_lm.train", "mode": mode, "step_ms": loop_ms, "tokens_per_s": tokens / loop_ms * 1e3,
                 "params (M)": results["params"] / 1e6, "note": f"{results['measured_steps']} steps timed"}
     table.row({**loop_row, "step ms": loop_ms, "tokens/s": loop_row["tokens_per_s"], "peak MB": results["peak_memory_mb"]})
