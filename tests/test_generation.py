@@ -432,7 +432,7 @@ def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_pat
     assert result["text"] == expected[len("def f(x):"):]
     # 9 + 12 tokens > block_size = 16: the cache holds the 16-token window.
     assert result["cache_bytes"] == 2 * 1 * 2 * 16 * 8 * 4  # k+v, batch, heads, positions, head_dim, fp32
-    assert not result["compiled"]  # compile=auto compiles on GPU only
+    assert not result["compiled"] and not result["compiled_prefill"]  # compile=auto compiles on GPU only
 
 
 def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
@@ -440,9 +440,21 @@ def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
     args = [f"ckpt={checkpoint}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu"]
     eager = generate(compose_generate(args + ["compile=false"]))
     result = generate(compose_generate(args + ["compile=true", "stream_every=5"]))
-    assert result["compiled"] and result["text"] == eager["text"]
+    assert result["compiled"] and not result["compiled_prefill"] and result["text"] == eager["text"]
+    result = generate(compose_generate(args + ["compile=true", "compile_prefill=true"]))
+    assert result["compiled"] and result["compiled_prefill"] and result["text"] == eager["text"]
     with pytest.raises(ValueError, match="stream_every must be a positive"):
         generate(compose_generate(args + ["stream_every=0"]))
+    with pytest.raises(ValueError, match="compile_prefill must be true or false, got 'auto'"):
+        generate(compose_generate(args + ["compile_prefill=auto"]))
+
+
+def test_cli_compile_false_turns_the_compiled_prefill_off_too(checkpoint, caplog):
+    args = [f"ckpt={checkpoint}", "prompt='def f(x):'", "max_new_tokens=4", "temperature=0", "device=cpu"]
+    with caplog.at_level(logging.WARNING):
+        result = generate(compose_generate(args + ["compile=false", "compile_prefill=true"]))
+    assert not result["compiled"] and not result["compiled_prefill"]
+    assert "compile_prefill=true is ignored: compile=False leaves decoding eager on cpu" in caplog.text
 
 
 def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
