@@ -171,7 +171,9 @@ def compile_prefill_fn() -> PrefillFn:
 
 def compile_error_reason(error: Exception) -> str:
     """The first lines of a compilation error, as one short line (e.g. ``backend='inductor'
-    raised: <why>``)."""
+    raised: <why>``); for the recompile limit, the limit."""
+    if not isinstance(error, TorchDynamoException):  # FailOnRecompileLimitHit
+        return f"{error}: more than torch._dynamo.config.recompile_limit = {dynamo_config.recompile_limit} graphs"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines[:2])[:300] or type(error).__name__
 

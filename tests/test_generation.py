@@ -250,6 +250,23 @@ def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(m
     torch.testing.assert_close(logits, Decoder(model, 10).prefill(prompt), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
+def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
+    """Past Dynamo's recompile limit a compiled function would run eagerly without a word; the
+    compiled prefill turns that into its warned fallback."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = tiny_gpt("full")
+    decoder = Decoder(model, 30, compile_prefill=True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    decoder.prefill(torch.randint(0, V, (1, 5)))  # the 16-wide graph
+    prompt = torch.randint(0, V, (1, 20))  # the 32-wide one: a recompilation past the limit
+    with pytest.warns(UserWarning, match=r"prefill of full cannot be compiled \(.*recompile_limit = 1 graphs\); prefilling eagerly"):
+        logits = decoder.prefill(prompt)
+    assert not decoder.compile_prefill
+    torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
 @pytest.mark.parametrize("name", NAMES)
