@@ -193,8 +193,8 @@ class GPT(nn.Module):
         compiled graph (CUDA graphs on GPU); ``compile_prefill``: the prefill too (Inductor, static
         shapes at bucketed prompt widths; see :mod:`attn_lm.decoding`). The model conditions on the
         last ``max_context`` tokens (default ``context_len``); past that, each step re-runs the
-        cropped window (see :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the previous mode is
-        restored afterwards. Tokens stay on the device until the end (no host sync per token).
+        cropped window (see :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the
+        previous mode is restored afterwards. Tokens stay on the device until the end (no host sync per token).
         """
         decoder = Decoder(self, idx.shape[-1] + max_new_tokens, use_cache, max_context, compile, compile_prefill)
         new_tokens = list(decoder.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, prompt_lengths))

@@ -12,8 +12,8 @@ recorded and the prefill compiled once. Three tables:
    greedy tokens): ``tok/s`` = ``batch x new tokens / wall time`` of the whole generation,
    prefill included (the issue's definition); ``decode tok/s`` from the steps alone;
    ``prefill ms`` (compiled or eager as the header says; after the warm-up generation, so
-   compilation is never timed); ``cache B/token`` = cache bytes / (batch x positions); ``KV MB/step`` = the
-   cache bytes one step reads (a static step reads every slot of its buffers); ``KV GB/s`` =
+   compilation is never timed); ``cache B/token`` = cache bytes / (batch x positions);
+   ``KV MB/step`` = the cache bytes one step reads (a static step reads every slot of its buffers); ``KV GB/s`` =
    that / step time, and ``+weights GB/s`` with the parameter bytes a step also reads; ``% copy``
    = the latter against the device-to-device copy rate measured at the start; ``vs HF`` =
    ``tok/s`` / HF's ``tok/s`` at the same batch.
@@ -38,11 +38,12 @@ batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Bat
 
     python scripts/bench_decode.py --hf --compile-prefill --mechanisms full gqa mqa local linear --batches 1 --contexts
 
-Batch 8 and 64, and the bandwidth moonshot (``full`` at a 4k context: ``--prompt 3840
---new-tokens 256``), then context scaling (one step compiled per context, no prefill)::
+Batch 8 and 64; the bandwidth moonshot (``full``, batch 64, a 4k context: prompt 3840 + 256 new
+tokens; ``% copy`` comes from the steps, so the prefill stays eager); context scaling from 1k to
+16k (one step compiled per context, no prefill timed)::
 
     python scripts/bench_decode.py --compile-prefill --mechanisms full --batches 8 64 --contexts
-    python scripts/bench_decode.py --compile-prefill --mechanisms full --batches 8 64 --prompt 3840 --contexts
+    python scripts/bench_decode.py --mechanisms full --batches 64 --prompt 3840 --contexts
     python scripts/bench_decode.py --mechanisms linear local full --batches --contexts 1024 16384
 
 CPU (the setting of RESULTS.md section 6: eager steps, context scaling only)::
@@ -83,9 +84,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--eager", action="store_true", help="compile nothing: neither the step nor the prefill (compile=false)")
+    p.add_argument("--eager", action="store_true",
+                   help="compile nothing: neither the step nor the prefill (compile=false)")
     p.add_argument("--compile-prefill", action="store_true",
-                   help="compile the generation table's prefill too (Inductor, static width buckets; compile_prefill=true)")
+                   help="compile the generation table's prefill too (Inductor, static width buckets; "
+                        "compile_prefill=true)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face GPT-2 generate (needs transformers)")
     p.add_argument("--hf-attn", nargs="+", default=["eager", "sdpa"], help="HF attn_implementation(s) to time")
     args = p.parse_args()
@@ -224,7 +227,8 @@ def main() -> None:
     print(header(device, [f"dtype {dtype}, d_model {args.d_model}, {args.n_layer} layers, {args.n_heads} heads, "
                           f"vocab {args.vocab}, position {args.position}, options {' '.join(args.options) or '-'}",
                           f"decoding step: {'eager' if args.eager else 'compiled'}; "
-                          f"generation prefill: {'compiled (Inductor, width buckets)' if args.compile_prefill else 'eager'}; "
+                          "generation prefill: "
+                          f"{'compiled (Inductor, width buckets)' if args.compile_prefill else 'eager'}; "
                           f"device-to-device copy {copy / 1e9:,.0f} GB/s (read + write)"]))
     hf, note = hf_rows(args, dtype, device) if args.hf else ([], None)
     hf_speed: dict[int, float] = {}  # the fastest HF implementation per batch

@@ -173,7 +173,8 @@ def check_compiled_prefill(name: str, tol: float) -> None:
     steps = [(compiled.step(uncached[:, t:t + 1]), eager.step(uncached[:, t:t + 1])) for t in range(9, 9 + new - 1)]
     torch.testing.assert_close(*map(torch.stack, zip(*steps)), rtol=tol, atol=tol)
     for use in (True, False):
-        with pytest.warns(UserWarning, match="prefill runs eagerly") if use and untraceable else contextlib.nullcontext():
+        warned = use and untraceable
+        with pytest.warns(UserWarning, match="prefill runs eagerly") if warned else contextlib.nullcontext():
             tokens = model.generate(idx, new, temperature=0, prompt_lengths=lengths, compile_prefill=use)
         torch.testing.assert_close(tokens, uncached, rtol=0, atol=0)
 
@@ -261,7 +262,8 @@ def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     decoder.prefill(torch.randint(0, V, (1, 5)))  # the 16-wide graph
     prompt = torch.randint(0, V, (1, 20))  # the 32-wide one: a recompilation past the limit
-    with pytest.warns(UserWarning, match=r"prefill of full cannot be compiled \(.*recompile_limit = 1 graphs\); prefilling eagerly"):
+    reason = r"prefill of full cannot be compiled \(.*recompile_limit = 1 graphs\); prefilling eagerly"
+    with pytest.warns(UserWarning, match=reason):
         logits = decoder.prefill(prompt)
     assert not decoder.compile_prefill
     torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=0, atol=0)
