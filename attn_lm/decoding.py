@@ -16,8 +16,26 @@ window), so no token is read back unless the caller asks: ``GPT.generate`` reads
 the end, the CLI reads every few tokens to stream text.
 
 Dependencies run one way: this module imports nothing from :mod:`attn_lm.model`; it drives a
-model only through ``model(idx, caches=, input_pos=, lengths=)``, ``model.new_caches`` and
-``model.config`` (``GPT.generate`` is a thin wrapper over :class:`Decoder`).
+model only through ``model(idx, caches=, input_pos=, lengths=)``, ``model.new_caches``,
+``model.config`` and the names and traceability of its layers (``layer_types``,
+``untraceable``); ``GPT.generate`` is a thin wrapper over :class:`Decoder`.
+
+The compiled prefill (``Decoder(compile_prefill=True)``, off by default). Eager, a 512-token
+prefill of a GPT-2-small model is 1,500-4,000 small ops (CPU count), launch-bound on a GPU: 8-13
+ms on an H200, the time of 13-20 compiled steps. :func:`compile_prefill_fn` compiles
+:func:`prefill` with Inductor, ``fullgraph`` and **static shapes** at bucketed widths
+(:func:`prefill_width`: the next power of two, capped at the cache size): the rows are
+right-padded to their bucket and ``lengths`` hides the padding, as every family's prefill already
+does for a batch of uneven prompts. A process therefore compiles once per (bucket, batch), not
+once per prompt length. Dynamic shapes (gpt-fast's ``dynamic=True``) would not give one graph
+for every mechanism: the sparse patterns specialise on the length (FlexAttention's ``BlockMask``
+is cached per length; the CPU bias is filled in length-dependent blocks) and the chunked families
+guard on it, so they would recompile per length. No CUDA graphs for the prefill: it runs once
+per generation, Inductor's fusion removes most of its launches, and a graph per bucket would pin
+that width's activations in the graph pool. Off by default because compiling costs seconds to
+save milliseconds per prompt: worth it for many prompts (a server, a benchmark), not for one
+(``python -m attn_lm.generate``, where the ``compile_prefill`` key turns it on). Re-runs without
+caches (``use_cache=False``, or past the context window below) stay eager.
 
 Batches of prompts of different lengths: prompts come left-padded (row ``b``'s prompt is its
 last ``prompt_lengths[b]`` tokens, as in Hugging Face), are right-aligned to positions
@@ -37,12 +55,15 @@ the same cost and the same tokens as ``use_cache=False``; exact, not fast. Give
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Callable, Optional
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
+from torch._dynamo import exc as dynamo_exc
 from torch._dynamo.exc import TorchDynamoException
 from torch._dynamo.utils import counters
 
@@ -86,16 +107,75 @@ def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor, caches:
     return model(token, caches=caches, input_pos=input_pos)[:, -1]
 
 
+#: Recompilations Dynamo allows per compiled function: each model, batch and cache size (and each
+#: prefill width bucket) is one of the same function. Past it Dynamo would silently run eager.
+RECOMPILE_LIMIT = 256
+
+
+def _raise_recompile_limit() -> None:
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+
+
+#: What a compiled call raises when it cannot be compiled: Dynamo's errors, and (under
+#: ``fail_on_recompile_limit_hit``, torch >= 2.7) the recompile limit, which would otherwise run
+#: eager silently.
+COMPILE_ERRORS = (TorchDynamoException, *(getattr(dynamo_exc, name) for name in ("FailOnRecompileLimitHit",)
+                                          if hasattr(dynamo_exc, name)))
+
+
+def _fail_on_recompile_limit():
+    """A context in which hitting the recompile limit raises instead of running eager silently."""
+    if not hasattr(dynamo_config, "fail_on_recompile_limit_hit"):  # torch < 2.7: the limit is raised at least
+        return contextlib.nullcontext()
+    return dynamo_config.patch(fail_on_recompile_limit_hit=True)
+
+
 def compile_step(device: torch.device) -> StepFn:
     """:func:`decode_one_token` compiled as one graph: CUDA graphs on GPU (``reduce-overhead``),
     Inductor kernels on CPU. ``fullgraph=True`` turns a graph break into an error. Each model is a
     recompilation of the same function, so the recompile limit is raised (past it Dynamo would
     silently run eager)."""
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
+    _raise_recompile_limit()
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+
+
+#: ``(model, idx [B, W], lengths [B], caches) -> logits [B, V]``, as :func:`prefill`.
+PrefillFn = Callable[[nn.Module, Tensor, Optional[Tensor], Optional[Sequence[LayerCache]]], Tensor]
+
+#: Narrowest width a compiled prefill runs at (shorter prompts share its graph).
+MIN_PREFILL_WIDTH = 16
+
+
+def prefill_width(width: int, capacity: int) -> int:
+    """The width a compiled prefill of ``width``-token rows runs at: the next power of two (at least
+    :data:`MIN_PREFILL_WIDTH`), capped at the cache's ``capacity`` (``width <= capacity``).
+
+    Widths are bucketed because the compiled prefill has static shapes (one graph per width and
+    batch): ``log2(capacity / 16) + 2`` graphs at most, whatever the prompts, for at most twice the
+    prompt's prefill FLOPs (none for a prompt of a power-of-two length)."""
+    if not 1 <= width <= capacity:
+        raise ValueError(f"a prefill of {width} tokens does not fit a cache of {capacity} positions")
+    return min(capacity, max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length()))
+
+
+def compile_prefill_fn() -> PrefillFn:
+    """:func:`prefill` compiled as one graph (``fullgraph``: a graph break is an error, never a
+    silent eager fallback) with Inductor and static shapes (``dynamic=False``: each width bucket,
+    :func:`prefill_width`, and batch size is its own graph). The same mode on every device: no
+    CUDA graphs (module docstring)."""
+    _raise_recompile_limit()
+    return torch.compile(prefill, fullgraph=True, dynamic=False)
+
+
+def compile_error_reason(error: Exception) -> str:
+    """The first lines of a compilation error, as one short line (e.g. ``backend='inductor'
+    raised: <why>``); for the recompile limit, the limit."""
+    if not isinstance(error, TorchDynamoException):  # FailOnRecompileLimitHit
+        return f"{error}: more than torch._dynamo.config.recompile_limit = {dynamo_config.recompile_limit} graphs"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or type(error).__name__
 
 
 class Decoder:
@@ -106,16 +186,26 @@ class Decoder:
     caches are allocated once for ``min(max_len, max_context)`` positions and reused by every
     prefill of this decoder. ``max_context``: tokens the model conditions on (default
     ``context_len``). ``compile``: run the step through :func:`compile_step`.
+    ``compile_prefill``: run the prefill that fills the caches through :func:`compile_prefill_fn`
+    at bucketed widths (module docstring); independent of ``compile``. A model with a layer that
+    cannot be traced (``compile_unsupported``, the tile-loop teaching code) prefills eagerly, and
+    so does one whose prefill fails to compile, each after a one-line warning with the reason.
     """
 
     def __init__(self, model: nn.Module, max_len: int, use_cache: bool = True, max_context: Optional[int] = None,
-                 compile: bool = False):
+                 compile: bool = False, compile_prefill: bool = False):
         window = context_window(model, max_context)
         self.model, self.use_cache, self.window, self.max_len = model, use_cache, window, max_len
         self.capacity = min(max_len, window)
         self.device = next(model.parameters()).device
         self.compile = compile
         self.step_fn: StepFn = compile_step(self.device) if compile else decode_one_token
+        untraceable = getattr(model, "untraceable", {}) if compile_prefill else {}
+        if untraceable:
+            warnings.warn("compile_prefill: the prefill runs eagerly, since " +
+                          "; ".join(f"{name}: {why}" for name, why in untraceable.items()), stacklevel=2)
+        self.compile_prefill = compile_prefill and not untraceable
+        self.prefill_fn: PrefillFn = compile_prefill_fn() if self.compile_prefill else prefill
         self.caches: list[LayerCache] = []
         self.caches_batch = 0
         self.tokens: Optional[Tensor] = None  # [B, max_len] right-padded history
@@ -170,10 +260,8 @@ class Decoder:
         try:
             logits = self.step_fn(self.model, token, pos, self.caches)
         except TorchDynamoException as error:  # raised while compiling, before any cache is written
-            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-            reason = " ".join(lines[:2])[:300] or type(error).__name__  # e.g. "backend='inductor' raised: <why>"
             warnings.warn(f"the decoding step of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
-                          f"({reason}); decoding eagerly", stacklevel=3)
+                          f"({compile_error_reason(error)}); decoding eagerly", stacklevel=3)
             self.compile, self.step_fn = False, decode_one_token
             return decode_one_token(self.model, token, pos, self.caches)
         if counters["inductor"]["cudagraph_skips"] > skips:
@@ -187,12 +275,32 @@ class Decoder:
         still fits them (module docstring: the context window)."""
         lengths = [min(n, self.window) for n in self.lengths]
         width = max(lengths)
+        caches = self._caches(len(lengths)) if self.use_cache and max(self.lengths) < self.capacity else None
+        if caches is not None and self.compile_prefill:
+            return self._compiled_prefill(lengths, caches)
         starts = torch.tensor([n - m for n, m in zip(self.lengths, lengths)], device=self.tokens.device)
         index = (starts[:, None] + torch.arange(width, device=starts.device)).clamp(max=self.tokens.shape[1] - 1)
         context = self.tokens.gather(1, index)
-        caches = self._caches(len(lengths)) if self.use_cache and max(self.lengths) < self.capacity else None
         padded = torch.tensor(lengths, device=context.device) if min(lengths) < width else None
         return prefill(self.model, context, padded, caches)
+
+    def _compiled_prefill(self, lengths: list[int], caches: list[LayerCache]) -> Tensor:
+        """The compiled prefill of every row's tokens (all of them: the caches hold whole rows),
+        right-padded to the width bucket (:func:`prefill_width`); ``lengths`` is always passed, so
+        a batch of equal prompts and one of uneven prompts share a graph. If it cannot be
+        compiled: the eager prefill after a one-line warning with the reason (never silently);
+        the eager prefill rewrites every cache slot a step reads, whatever a failed call left."""
+        width = prefill_width(max(lengths), self.capacity)
+        context = self.tokens[:, :width].contiguous()  # a fresh [B, width] tensor: the same strides for every decoder
+        rows = torch.tensor(lengths, device=context.device)
+        try:
+            with _fail_on_recompile_limit():
+                return self.prefill_fn(self.model, context, rows, caches)
+        except COMPILE_ERRORS as error:
+            warnings.warn(f"the prefill of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
+                          f"({compile_error_reason(error)}); prefilling eagerly", stacklevel=4)
+            self.compile_prefill, self.prefill_fn = False, prefill
+            return prefill(self.model, context, rows, caches)
 
     def _caches(self, batch: int) -> list[LayerCache]:
         """The caches, allocated at the first prefill of a batch size and reused (prefill rewrites

@@ -5,7 +5,10 @@ The tokenizer is the one saved in the checkpoint (no data preset needed); prompt
 outside its vocabulary are an error unless ``allow_unknown=true``. Decoding uses
 :class:`attn_lm.decoding.Decoder` (prefill, then one cached step per token; on GPU the step is
 one compiled CUDA graph unless ``compile=false``); tokens stay on the device and are read every
-``stream_every`` steps to stream the text. stdout gets only the text (prompt, then
+``stream_every`` steps to stream the text. ``compile_prefill=true`` compiles the prefill as well
+(off by default: one prompt per call, so its compilation would cost seconds to save
+milliseconds; the first-token time then includes it); ``compile=false`` turns every compilation
+off. stdout gets only the text (prompt, then
 continuation), stderr gets warnings and the summary: first-token time, decode tokens/s and the
 bytes held by the decoding caches.
 """
@@ -90,7 +93,14 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
     check_known(tokenizer, str(cfg.prompt), bool(cfg.allow_unknown))
     prompt = encode_prompt(tokenizer, str(cfg.prompt), context_window(model, cfg.max_context), bool(cfg.strict_prompt))
     compiled = device.type == "cuda" if str(cfg.compile) == "auto" else bool(cfg.compile)
-    decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context, compile=compiled)
+    if not isinstance(cfg.compile_prefill, bool):
+        raise ValueError(f"compile_prefill must be true or false, got {cfg.compile_prefill!r}")
+    compile_prefill = cfg.compile_prefill and compiled
+    if cfg.compile_prefill and not compiled:
+        log.warning("compile_prefill=true is ignored: compile=%s leaves decoding eager on %s, the prefill "
+                    "included (set compile=true to compile both)", cfg.compile, device)
+    decoder = Decoder(model, len(prompt) + max_new, bool(cfg.use_cache), cfg.max_context, compile=compiled,
+                      compile_prefill=compile_prefill)
     generator = torch.Generator(device).manual_seed(int(cfg.seed))
     stream = TextStream(tokenizer, out or sys.stdout)
     stream.add(prompt)
@@ -122,11 +132,13 @@ def generate(cfg: DictConfig, out: Optional[TextIO] = None) -> dict[str, Any]:
         "cache_bytes": decoder.cache_nbytes(),
         **run_facts(model.layer_types, str(device)),
         "compiled": compiled,
+        "compiled_prefill": decoder.compile_prefill,
     }
     print(f"[attn_lm] {len(prompt)} prompt + {max_new} new tokens | first token {result['first_token_s'] * 1e3:.1f} ms | "
           f"decode {result['decode_tokens_per_s']:,.1f} tokens/s (after a {result['warmup_s']:.1f} s warm-up) | cache {result['cache_bytes'] / 2**20:.3f} MiB "
           f"({result['cache_bytes']:,} bytes, use_cache={bool(cfg.use_cache)}) | {device}, "
-          f"{'compiled step' if compiled else 'eager step'}", file=sys.stderr)
+          f"{'compiled step' if compiled else 'eager step'}, "
+          f"{'compiled prefill' if decoder.compile_prefill else 'eager prefill'}", file=sys.stderr)
     return result
 
 

@@ -180,7 +180,7 @@ class GPT(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, use_cache: bool = True, generator: Optional[torch.Generator] = None,
                  max_context: Optional[int] = None, prompt_lengths: Optional[Sequence[int]] = None,
-                 compile: bool = False) -> Tensor:
+                 compile: bool = False, compile_prefill: bool = False) -> Tensor:
         """Continue ``idx [B, T]`` by ``max_new_tokens`` tokens; returns ``[B, T + max_new_tokens]``.
 
         ``temperature = 0`` is greedy decoding; otherwise tokens are drawn from
@@ -190,11 +190,12 @@ class GPT(nn.Module):
         whole context. Both give the same tokens. ``prompt_lengths``: prompts of different
         lengths, left-padded in ``idx`` (row ``b``'s prompt is its last ``prompt_lengths[b]``
         tokens); each row continues as if decoded alone. ``compile``: the decoding step as one
-        compiled graph (CUDA graphs on GPU). The model conditions on the last ``max_context``
-        tokens (default ``context_len``); past that, each step re-runs the cropped window (see
-        :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the previous mode is
-        restored afterwards. Tokens stay on the device until the end (no host sync per token).
+        compiled graph (CUDA graphs on GPU); ``compile_prefill``: the prefill too (Inductor, static
+        shapes at bucketed prompt widths; see :mod:`attn_lm.decoding`). The model conditions on the
+        last ``max_context`` tokens (default ``context_len``); past that, each step re-runs the
+        cropped window (see :mod:`attn_lm.decoding`). Runs without gradients and in eval mode; the
+        previous mode is restored afterwards. Tokens stay on the device until the end (no host sync per token).
         """
-        decoder = Decoder(self, idx.shape[-1] + max_new_tokens, use_cache, max_context, compile)
+        decoder = Decoder(self, idx.shape[-1] + max_new_tokens, use_cache, max_context, compile, compile_prefill)
         new_tokens = list(decoder.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, prompt_lengths))
         return torch.cat([idx, *new_tokens], dim=1)

@@ -3,14 +3,17 @@ Hugging Face GPT-2 ``generate`` as the peer, in one run.
 
 A GPT (random weights, GPT-2 vocabulary) whose layers all use one mechanism decodes greedily
 through :class:`attn_lm.decoding.Decoder` -- the path ``GPT.generate`` and the CLI take, with the
-step compiled (CUDA graphs on GPU) unless ``--eager``. One decoder per row, reused across the
-warm-up and the timed call, so CUDA graphs are recorded once. Three tables:
+step compiled (CUDA graphs on GPU) unless ``--eager``, and with ``--compile-prefill`` the prefill
+too (Inductor at the prompt's width bucket; off by default, as in the CLI; ``--eager`` turns
+both off). One decoder per row, reused across the warm-up and the timed call, so CUDA graphs are
+recorded and the prefill compiled once. Three tables:
 
 1. **Generation** (per mechanism and ``--batches``; ``--prompt`` random tokens, ``--new-tokens``
    greedy tokens): ``tok/s`` = ``batch x new tokens / wall time`` of the whole generation,
    prefill included (the issue's definition); ``decode tok/s`` from the steps alone;
-   ``prefill ms``; ``cache B/token`` = cache bytes / (batch x positions); ``KV MB/step`` = the
-   cache bytes one step reads (a static step reads every slot of its buffers); ``KV GB/s`` =
+   ``prefill ms`` (compiled or eager as the header says; after the warm-up generation, so
+   compilation is never timed); ``cache B/token`` = cache bytes / (batch x positions);
+   ``KV MB/step`` = the cache bytes one step reads (a static step reads every slot of its buffers); ``KV GB/s`` =
    that / step time, and ``+weights GB/s`` with the parameter bytes a step also reads; ``% copy``
    = the latter against the device-to-device copy rate measured at the start; ``vs HF`` =
    ``tok/s`` / HF's ``tok/s`` at the same batch.
@@ -20,23 +23,28 @@ warm-up and the timed call, so CUDA graphs are recorded once. Three tables:
 3. **Context scaling** (batch 1, per mechanism and ``--contexts``): prefill ``L`` tokens, time
    ``--steps`` decode steps; ``vs first`` = decode tok/s relative to the first context, next to
    the bytes a step reads (KV caches lose what their extra bytes explain; recurrent and windowed
-   caches read the same bytes at every ``L``).
+   caches read the same bytes at every ``L``). Only steps are timed here, so the prefill stays
+   eager (``--compile-prefill`` would compile one prefill per context for nothing).
 
 Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs. The
-step is compiled once per (mechanism, batch, cache size): tens of seconds each on GPU, so split a
-long sweep over several calls.
+step is compiled once per (mechanism, batch, cache size), and with ``--compile-prefill`` the
+prefill once per (mechanism, batch): tens of seconds each on GPU, so split a long sweep over
+several calls. A row whose step or prefill fell back to eager (a warning says why) says so in
+its ``note``.
 
 GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
-batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Split so that each
-call compiles at most six steps (HF is timed in every generation call, for the ratio)::
+batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Batch 1 against HF
+(HF is timed in every generation call, for the ratio; 5 steps + 5 prefills compiled)::
 
-    python scripts/bench_decode.py --hf --mechanisms full gqa --contexts
-    python scripts/bench_decode.py --hf --mechanisms mqa local --contexts
-    python scripts/bench_decode.py --hf --mechanisms linear --contexts
-    python scripts/bench_decode.py --batches --mechanisms linear cosformer
-    python scripts/bench_decode.py --batches --mechanisms performer local
-    python scripts/bench_decode.py --batches --mechanisms block_sparse full
-    python scripts/bench_decode.py --batches --mechanisms gqa mqa
+    python scripts/bench_decode.py --hf --compile-prefill --mechanisms full gqa mqa local linear --batches 1 --contexts
+
+Batch 8 and 64; the bandwidth moonshot (``full``, batch 64, a 4k context: prompt 3840 + 256 new
+tokens; ``% copy`` comes from the steps, so the prefill stays eager); context scaling from 1k to
+16k (one step compiled per context, no prefill timed)::
+
+    python scripts/bench_decode.py --compile-prefill --mechanisms full --batches 8 64 --contexts
+    python scripts/bench_decode.py --mechanisms full --batches 64 --prompt 3840 --contexts
+    python scripts/bench_decode.py --mechanisms linear local full --batches --contexts 1024 16384
 
 CPU (the setting of RESULTS.md section 6: eager steps, context scaling only)::
 
@@ -76,10 +84,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--eager", action="store_true", help="do not compile the decoding step (compile=false)")
+    p.add_argument("--eager", action="store_true",
+                   help="compile nothing: neither the step nor the prefill (compile=false)")
+    p.add_argument("--compile-prefill", action="store_true",
+                   help="compile the generation table's prefill too (Inductor, static width buckets; "
+                        "compile_prefill=true)")
     p.add_argument("--hf", action="store_true", help="also time Hugging Face GPT-2 generate (needs transformers)")
     p.add_argument("--hf-attn", nargs="+", default=["eager", "sdpa"], help="HF attn_implementation(s) to time")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.eager and args.compile_prefill:
+        p.error("--eager compiles nothing (the CLI's compile=false); drop it to use --compile-prefill")
+    return args
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -122,19 +137,23 @@ def generation_row(model: GPT, batch: int, args: argparse.Namespace, device: tor
                    copy: float) -> dict[str, Any]:
     """End-to-end greedy generation, then its prefill and steps timed apart on the same decoder."""
     total = args.prompt + args.new_tokens
-    decoder = Decoder(model, total, max_context=total, compile=not args.eager)
+    decoder = Decoder(model, total, max_context=total, compile=not args.eager, compile_prefill=args.compile_prefill)
     idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
 
     def generate():
         torch.cat(list(decoder.stream(idx, args.new_tokens, temperature=0)), dim=1)
 
-    seconds = median_time(generate, device, args.repeats)
+    seconds = median_time(generate, device, args.repeats)  # its warm-up compiles the step and the prefill
     prefill = statistics.median(timed(lambda: decoder.prefill(idx), device) for _ in range(args.repeats))
     token = idx[:, -1:]
     steps = min(args.new_tokens - 1, 64)
     step = timed(lambda: [decoder.step(token) for _ in range(steps)], device) / steps
+    fallbacks = [what for what, asked, kept in (("step", not args.eager, decoder.compile),
+                                                ("prefill", args.compile_prefill, decoder.compile_prefill))
+                 if asked and not kept]
     return {"tok/s": batch * args.new_tokens / seconds, "prefill ms": prefill * 1e3,
-            **step_columns(model, decoder, batch, total, step, copy)}
+            **step_columns(model, decoder, batch, total, step, copy),
+            **({"note": f"eager {' and '.join(fallbacks)} (fallback: see the warning)"} if fallbacks else {})}
 
 
 def step_columns(model: GPT, decoder: Decoder, batch: int, positions: int, step: float, copy: float) -> dict:
@@ -208,6 +227,8 @@ def main() -> None:
     print(header(device, [f"dtype {dtype}, d_model {args.d_model}, {args.n_layer} layers, {args.n_heads} heads, "
                           f"vocab {args.vocab}, position {args.position}, options {' '.join(args.options) or '-'}",
                           f"decoding step: {'eager' if args.eager else 'compiled'}; "
+                          "generation prefill: "
+                          f"{'compiled (Inductor, width buckets)' if args.compile_prefill else 'eager'}; "
                           f"device-to-device copy {copy / 1e9:,.0f} GB/s (read + write)"]))
     hf, note = hf_rows(args, dtype, device) if args.hf else ([], None)
     hf_speed: dict[int, float] = {}  # the fastest HF implementation per batch

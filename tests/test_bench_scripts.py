@@ -126,6 +126,22 @@ def test_bench_decode_tiny():
     assert kv_mb[("linear", "16")] == kv_mb[("linear", "32")] and kv_mb[("full", "16")] < kv_mb[("full", "32")]
 
 
+def test_bench_decode_times_the_compiled_prefill():
+    """--compile-prefill: the generation rows run the compiled step and prefill (Inductor on CPU),
+    with no fallback note; --eager, which compiles nothing, refuses it."""
+    stdout = run_script(
+        "bench_decode.py", "--d-model", "32", "--n-layer", "1", "--n-heads", "2", "--vocab", "64",
+        "--mechanisms", "local", "--batches", "2", "--prompt", "8", "--new-tokens", "4", "--contexts",
+        "--repeats", "1", "--compile-prefill", "--device", "cpu",
+    )
+    assert "decoding step: compiled; generation prefill: compiled" in stdout
+    (row,) = table_rows(stdout)
+    assert row[:2] == ["local", "2"] and float(row[5]) > 0 and row[-1] == "-", row
+    refused = subprocess.run([sys.executable, str(SCRIPTS / "bench_decode.py"), "--eager", "--compile-prefill"],
+                             capture_output=True, text=True, env=ENV, check=False)
+    assert refused.returncode == 2 and "--eager compiles nothing" in refused.stderr
+
+
 def test_profile_loop_reports_the_host_ops_of_a_cpu_run(tmp_path, token_cache):
     """scripts/profile_loop.py runs the real training job with its overrides and writes the
     profile of the chosen steps (on CPU: the host-op table; the GPU sections need CUDA)."""

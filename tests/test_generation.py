@@ -2,6 +2,7 @@
 lengths, the compiled decoding step and the generate CLI."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -20,7 +21,8 @@ from attn_lm.cli import CONF_DIR
 from attn_lm.data import LMDataModule
 from attn_lm.generate import generate
 from attn_lm.lit_module import LitGPT
-from attn_lm.decoding import Decoder
+from attn_lm.attention import functional
+from attn_lm.decoding import Decoder, prefill, prefill_width
 from attn_lm.sampling import filter_logits, sample_next
 
 from .helpers import small_config
@@ -135,6 +137,136 @@ def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monk
     with pytest.warns(UserWarning, match=r"step of local cannot be compiled \(an op Dynamo cannot trace\); decoding eager"):
         compiled = model.generate(prompt, 6, temperature=0, compile=True)
     torch.testing.assert_close(compiled, model.generate(prompt, 6, temperature=0), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ compiled prefill
+def cache_tensors(caches) -> list[torch.Tensor]:
+    """Every tensor of every layer's cache (buffers, slot positions, states), in a fixed order."""
+    return [t for cache in caches for _, t in sorted(vars(cache).items()) if isinstance(t, torch.Tensor)]
+
+
+def check_compiled_prefill(name: str, tol: float) -> None:
+    """A Decoder with the compiled prefill, on a batch of uneven prompts (9 and 4 tokens: width
+    bucket 16, so row 0 carries 7 padding tokens and row 1 twelve): its prefill returns the eager
+    prefill's logits and fills the caches as the eager prefill of the same padded rows does, every
+    later step gives the eager decoder's logits, and greedy tokens equal the eager and uncached
+    ones. Tile-loop teaching code prefills eagerly after a warning naming the reason."""
+    model = tiny_gpt(name)
+    idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (9, 4)])
+    new = 10
+    untraceable = AttentionFactory.get_class(name).compile_unsupported
+    expect_warning = pytest.warns(UserWarning, match=f"compile_prefill: the prefill runs eagerly, since {name}: "
+                                                     "teaching code")
+    with expect_warning if untraceable else contextlib.nullcontext():
+        compiled = Decoder(model, 9 + new, compile_prefill=True)
+    assert compiled.compile_prefill == (not untraceable)
+    eager = Decoder(model, 9 + new)
+    torch.testing.assert_close(compiled.prefill(idx, lengths), eager.prefill(idx, lengths), rtol=tol, atol=tol)
+    assert compiled.compile_prefill == (not untraceable)  # compiled, not fallen back
+    width = prefill_width(9, 9 + new) if compiled.compile_prefill else 9
+    reference = model.new_caches(2, 9 + new)
+    prefill(model, compiled.tokens[:, :width], torch.tensor(lengths), reference)
+    for got, want in zip(cache_tensors(compiled.caches), cache_tensors(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+    uncached = model.generate(idx, new, temperature=0, prompt_lengths=lengths, use_cache=False)
+    steps = [(compiled.step(uncached[:, t:t + 1]), eager.step(uncached[:, t:t + 1])) for t in range(9, 9 + new - 1)]
+    torch.testing.assert_close(*map(torch.stack, zip(*steps)), rtol=tol, atol=tol)
+    for use in (True, False):
+        warned = use and untraceable
+        with pytest.warns(UserWarning, match="prefill runs eagerly") if warned else contextlib.nullcontext():
+            tokens = model.generate(idx, new, temperature=0, prompt_lengths=lengths, compile_prefill=use)
+        torch.testing.assert_close(tokens, uncached, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_prefill_equals_eager_prefill_and_uncached(name, monkeypatch):
+    """Every mechanism, through Dynamo (fullgraph) and AOTAutograd, which functionalises the
+    in-place cache writes as Inductor does, in a fraction of Inductor's compile time; Inductor
+    itself for one mechanism per cache family below."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    check_compiled_prefill(name, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "local", "linear", "nystrom"])
+def test_inductor_compiled_prefill_equals_eager(name):
+    """Inductor on CPU: grouped K/V cache, ring buffer, recurrent state, chunk summaries."""
+    check_compiled_prefill(name, 1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not AttentionFactory.get_class(n).compile_unsupported])
+def test_compiled_prefill_is_one_graph_on_the_gpu_dispatch_path(name, monkeypatch):
+    """The prefill takes the GPU's branch of the attention dispatch (FlexAttention BlockMasks at
+    the bucket width, cuDNN-first SDPA) and still traces as one graph, with the CPU prefill's
+    logits: a GPU-only graph break would fail here, not on the GPU."""
+    model = tiny_gpt(name)
+    idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (9, 4)])
+    expected = Decoder(model, 19).prefill(idx, lengths)
+    monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    decoder = Decoder(model, 19, compile_prefill=True)
+    torch.testing.assert_close(decoder.prefill(idx, lengths), expected, rtol=1e-5, atol=1e-5)
+    assert decoder.compile_prefill
+
+
+def test_prefill_widths_are_few_buckets():
+    assert [prefill_width(n, 1000) for n in (1, 16, 17, 100, 512, 513)] == [16, 16, 32, 128, 512, 1000]
+    assert prefill_width(5, 8) == 8 and prefill_width(700, 768) == 768
+    with pytest.raises(ValueError, match="prefill of 20 tokens does not fit a cache of 19"):
+        prefill_width(20, 19)
+
+
+def test_compiled_prefill_compiles_once_per_width_bucket(monkeypatch):
+    """Prompts of 5, 9 and 16 tokens share the 16-wide graph; 20 tokens make the 32-wide one."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(example_inputs[0].shape if example_inputs else None)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counting_backend))
+    model = tiny_gpt("local")
+    decoder = Decoder(model, 30, compile_prefill=True)
+    for n in (5, 9, 16, 20):
+        prompt = torch.randint(0, V, (1, n))
+        torch.testing.assert_close(decoder.prefill(prompt), Decoder(model, 30).prefill(prompt), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 2 and decoder.compile_prefill
+
+
+def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
+    def uncompilable(fn, **kwargs):
+        def compiled(*args):
+            raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", uncompilable)
+    model = tiny_gpt("linear")
+    prompt = torch.randint(0, V, (2, 4))
+    decoder = Decoder(model, 10, compile_prefill=True)
+    with pytest.warns(UserWarning, match=r"prefill of linear cannot be compiled \(an op Dynamo cannot trace\); "
+                                         r"prefilling eagerly"):
+        logits = decoder.prefill(prompt)
+    assert not decoder.compile_prefill
+    torch.testing.assert_close(logits, Decoder(model, 10).prefill(prompt), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
+def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
+    """Past Dynamo's recompile limit a compiled function would run eagerly without a word; the
+    compiled prefill turns that into its warned fallback."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = tiny_gpt("full")
+    decoder = Decoder(model, 30, compile_prefill=True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    decoder.prefill(torch.randint(0, V, (1, 5)))  # the 16-wide graph
+    prompt = torch.randint(0, V, (1, 20))  # the 32-wide one: a recompilation past the limit
+    reason = r"prefill of full cannot be compiled \(.*recompile_limit = 1 graphs\); prefilling eagerly"
+    with pytest.warns(UserWarning, match=reason):
+        logits = decoder.prefill(prompt)
+    assert not decoder.compile_prefill
+    torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
@@ -319,7 +451,7 @@ def test_cli_streams_greedy_text_and_reports_speed_and_cache(checkpoint, tmp_pat
     assert result["text"] == expected[len("def f(x):"):]
     # 9 + 12 tokens > block_size = 16: the cache holds the 16-token window.
     assert result["cache_bytes"] == 2 * 1 * 2 * 16 * 8 * 4  # k+v, batch, heads, positions, head_dim, fp32
-    assert not result["compiled"]  # compile=auto compiles on GPU only
+    assert not result["compiled"] and not result["compiled_prefill"]  # compile=auto compiles on GPU only
 
 
 def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
@@ -327,9 +459,21 @@ def test_cli_compiled_step_and_reads_every_few_tokens(checkpoint, monkeypatch):
     args = [f"ckpt={checkpoint}", "prompt='def f(x):'", "max_new_tokens=12", "temperature=0", "device=cpu"]
     eager = generate(compose_generate(args + ["compile=false"]))
     result = generate(compose_generate(args + ["compile=true", "stream_every=5"]))
-    assert result["compiled"] and result["text"] == eager["text"]
+    assert result["compiled"] and not result["compiled_prefill"] and result["text"] == eager["text"]
+    result = generate(compose_generate(args + ["compile=true", "compile_prefill=true"]))
+    assert result["compiled"] and result["compiled_prefill"] and result["text"] == eager["text"]
     with pytest.raises(ValueError, match="stream_every must be a positive"):
         generate(compose_generate(args + ["stream_every=0"]))
+    with pytest.raises(ValueError, match="compile_prefill must be true or false, got 'auto'"):
+        generate(compose_generate(args + ["compile_prefill=auto"]))
+
+
+def test_cli_compile_false_turns_the_compiled_prefill_off_too(checkpoint, caplog):
+    args = [f"ckpt={checkpoint}", "prompt='def f(x):'", "max_new_tokens=4", "temperature=0", "device=cpu"]
+    with caplog.at_level(logging.WARNING):
+        result = generate(compose_generate(args + ["compile=false", "compile_prefill=true"]))
+    assert not result["compiled"] and not result["compiled_prefill"]
+    assert "compile_prefill=true is ignored: compile=False leaves decoding eager on cpu" in caplog.text
 
 
 def test_cli_prompt_longer_than_the_context(checkpoint, caplog, capsys):
