@@ -65,6 +65,14 @@ class ChunkedLowRankAttention(Attention):
         "a compressed key summarises several positions, so a per-distance bias has no single distance "
         "to use; use position='rope' (rotates q, k before compression) or an exact mechanism for ALiBi"
     )
+    @dataclass(frozen=True)
+    class Options:
+        """The family's option: every mechanism of it has the causal chunked form. A mechanism's
+        ``Options`` subclass this one and add the option named by :attr:`summary_option`."""
+
+        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
+        chunk_size: int = option(64, 4, *range(4, 10))
+
     #: The option giving the number of summaries per chunk (``p``).
     summary_option: ClassVar[str] = ""
     #: Non-causal: the option that makes the published form exact once it reaches the length.
@@ -257,10 +265,8 @@ class LinformerAttention(ChunkedLowRankAttention):
     summary_option = "proj_len"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ChunkedLowRankAttention.Options):
         proj_len: int = option(16, 4, 1, 2, 3)
-        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
-        chunk_size: int = option(64, 4, *range(4, 10))
 
     @classmethod
     def validate_options(cls, config, dims):
@@ -320,10 +326,9 @@ class NystromAttention(ChunkedLowRankAttention):
     summary_option = "num_landmarks"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ChunkedLowRankAttention.Options):
         num_landmarks: int = option(16, 4, 1, 2, 3)
-        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
-        chunk_size: int = option(64, 4, *range(4, 10))
+
     noncausal_exact_option = "num_landmarks"  # as many landmarks as tokens: exact (tested)
 
     def summarize(self, k, v):
