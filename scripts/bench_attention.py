@@ -17,11 +17,13 @@ For every mechanism x sequence length ``T`` x head dim ``D`` x mode (``fwd``, ``
 ``fwd`` runs under ``torch.no_grad()``; ``fwd+bwd`` runs the forward with inputs that require
 grad and ``torch.autograd.grad`` of the output against a fixed random gradient, w.r.t.
 ``q, k, v`` (core) or ``x`` and the parameters (module). Times are medians (see
-``_bench_common``). Mechanisms that are not exact softmax attention (kernel, low-rank, ...) run
-plain PyTorch ops, so their ``attend`` / module is ``torch.compile``d (``--compile auto``, the
-default on CUDA); exact ones already dispatch to fused SDPA / FlexAttention kernels (compiled
-inside ``attn_lm.attention.functional``), and the tile-by-tile teaching code (``flash_v1``,
-``flash_v2``) must not be unrolled by the compiler.
+``_bench_common``). Mechanisms whose family runs plain PyTorch ops (``Attention.wants_compile``:
+kernel, low-rank, recurrent state, ...) have their ``attend`` / module ``torch.compile``d
+(``--compile auto``, the default on CUDA); exact ones already dispatch to fused SDPA /
+FlexAttention kernels (compiled inside ``attn_lm.attention.functional``), and the tile-by-tile
+teaching code must not be unrolled by the compiler. Each mechanism runs with its
+``bench_options`` (windows, blocks, chunks sized for these lengths; the header lists them),
+overridden by ``--options``. The benchmark is a loop over the registry: it names no mechanism.
 
 Columns
 -------
@@ -59,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -71,22 +72,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attn_lm import AttentionFactory
-from attn_lm.attention import Attention, MaskPattern, SoftmaxAttention
+from attn_lm.attention import Attention, MaskPattern
 from attn_lm.attention.config import AttentionDims, attention_config_from_dict
 from attn_lm.attention.functional import reference_attention
 
-#: Benchmark defaults per mechanism (applied only to options the mechanism declares).
-BENCH_OPTIONS: dict[str, dict[str, Any]] = {
-    "local": {"window_size": 1024},
-    "block_sparse": {"sparse_block": 128},
-    "longformer": {"window_size": 1024},
-    "bigbird": {"window_size": 1024, "sparse_block": 128},
-    "strided": {"stride": 128},
-    "gqa": {"n_kv_heads": 4},
-    "linear": {"chunk_size": 64},
-    "cosformer": {"chunk_size": 64},
-    "performer": {"chunk_size": 64},
-}
 SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -171,12 +160,10 @@ def naive_fits(shape: Shape, mode: str, dtype: torch.dtype, device: torch.device
 
 # ----------------------------------------------------------------------------- mechanisms
 def mechanism_options(name: str, args) -> dict[str, Any]:
-    """The benchmark's defaults for ``name`` (only options it declares) overridden by ``--options``."""
+    """The mechanism's own benchmark settings (``Attention.bench_options``: sizes for long
+    sequences where its defaults are sized for short training contexts) overridden by ``--options``."""
     cls = AttentionFactory.get_class(name)
-    declared = {f.name for f in dataclasses.fields(cls.Options)}
-    options = {k: v for k, v in BENCH_OPTIONS.get(cls.name, {}).items() if k in declared}
-    options.update(args.options.get(cls.name, {}))
-    return options
+    return {**cls.bench_options, **args.options.get(cls.name, {})}
 
 
 def build_module(name: str, D: int, args, device: torch.device, dtype: torch.dtype) -> Attention:
@@ -187,9 +174,9 @@ def build_module(name: str, D: int, args, device: torch.device, dtype: torch.dty
 
 
 def wants_compile(module: Attention, policy: str) -> bool:
-    """``auto``: compile everything but exact softmax attention (fused kernels already; see the
-    module docstring)."""
-    return policy == "all" or (policy == "auto" and not isinstance(module, SoftmaxAttention))
+    """``auto``: compile the mechanisms whose family says its ``attend`` runs plain PyTorch ops
+    (``Attention.wants_compile``; exact softmax attention dispatches to fused kernels already)."""
+    return policy == "all" or (policy == "auto" and module.wants_compile)
 
 
 class Mechanism:

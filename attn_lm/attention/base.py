@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,19 @@ class Attention(nn.Module):
     #: can, with no graph break on any device's dispatch path; ``tests/test_compile.py`` holds
     #: every mechanism to this). A model with such a layer compiles with graph breaks around it.
     compile_unsupported: ClassVar[Optional[str]] = None
+    #: ``attend`` runs plain PyTorch ops (chunked scans, feature maps, summaries) that only
+    #: ``torch.compile`` fuses, so the attention benchmark compiles the layer on its own
+    #: (``--compile auto``) to time what a compiled model runs. ``False`` where ``attend`` already
+    #: dispatches to fused kernels (:class:`SoftmaxAttention`).
+    wants_compile: ClassVar[bool] = True
+
+    # ----------------------------------------------------------------- benchmark settings
+    #: Option values of the attention benchmark (``scripts/bench_attention.py``, sequences of
+    #: 1k-32k tokens) where they differ from the defaults, which are sized for the short contexts
+    #: of the quality comparisons (a window of 64 at 32k tokens would be another workload). Only
+    #: options of the class's ``Options`` (the registry test resolves them); ``--options`` of the
+    #: benchmark overrides them.
+    bench_options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: AttentionConfig, dims: AttentionDims):
         super().__init__()
@@ -292,6 +305,9 @@ class SoftmaxAttention(Attention):
     """
 
     family: ClassVar[str] = "softmax"
+    #: ``attend`` dispatches to fused SDPA / FlexAttention kernels (FlexAttention compiled inside
+    #: :mod:`~attn_lm.attention.functional`): nothing left for ``torch.compile`` to fuse.
+    wants_compile: ClassVar[bool] = False
 
     def __init__(self, config: AttentionConfig, dims: AttentionDims):
         super().__init__(config, dims)
