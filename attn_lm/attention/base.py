@@ -146,6 +146,14 @@ class Attention(nn.Module):
         return None
 
     @classmethod
+    def structure_options(cls, config: AttentionConfig, size: int) -> dict[str, int]:
+        """The option values that set the layer's structural size to ``size`` tokens (the
+        comparison harness's ``compare.structure_fraction``): its :meth:`covering_option`, plus
+        any option that must shrink with it (``{}``: the layer has no such size)."""
+        option = cls.covering_option(config)
+        return {} if option is None else {option: size}
+
+    @classmethod
     def covers_context(cls, config: AttentionConfig, context_len: int) -> Optional[str]:
         """Why this layer is plain full attention on sequences of ``context_len`` tokens (its
         pattern or chunk covers them all), or ``None``. Training warns; comparisons should refuse."""

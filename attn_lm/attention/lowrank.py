@@ -84,6 +84,15 @@ class ChunkedLowRankAttention(Attention):
         return "chunk_size" if config.causal else cls.noncausal_exact_option
 
     @classmethod
+    def structure_options(cls, config, size):
+        """The summaries per chunk are capped at the new size: a chunk of ``size`` tokens has at
+        most ``size`` summaries (:meth:`validate_options`)."""
+        sizes = super().structure_options(config, size)
+        if sizes and getattr(config.options, cls.summary_option) > size:
+            sizes[cls.summary_option] = size
+        return sizes
+
+    @classmethod
     def validate_options(cls, config, dims):
         p, chunk = getattr(config.options, cls.summary_option), config.options.chunk_size
         if config.causal and p > chunk:
