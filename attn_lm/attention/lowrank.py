@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import ChunkSummaryCache
-from .base import MATERIALISED_COPIES, Attention, cached_attention, score_dtype
+from .base import Attention, cached_attention, score_dtype
 from .config import option
 from .factory import register
 from .functional import reference_attention
@@ -107,11 +107,19 @@ class ChunkedLowRankAttention(Attention):
         self.summary_len = getattr(self.options, self.summary_option)
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Each query scores its chunk and every summary: ``T (C + (T / C) p)`` per head (causal
-        form), three live copies in a forward (scores, their concatenation, probabilities) and
-        4.5 with backward (plus the saved probabilities' gradients; measured on CPU)."""
-        T, C, p = seq_len, min(self.chunk_size, seq_len), self.summary_len
-        return (4.5 if backward else MATERIALISED_COPIES) * batch * self.n_heads * T * (C + T / C * p) * elem
+        """Per head of the causal form, with ``n = ceil(T / C)`` chunks: the scores of each query
+        over its chunk and every summary, ``S = T (C + n p)``; the summary keys and values
+        broadcast over the ``n`` chunks that read them, which the batched matmuls (``Q K^T``,
+        ``P V``) materialise, ``E = n (n p) D`` (as large as the summary scores when ``D = C``:
+        a model in ``S`` alone is off by 1.3x at ``D = C / 2`` or ``2 C``); the chunked copies of
+        ``q, k, v``, ``T D``. At a forward's peak ``2.5 S + 0.75 E + 4 T D``; with backward
+        ``2 S + 3 E + T D`` (the saved expansions and one's gradient). Coefficients fitted to CPU
+        measurements at ``D = 32 .. 128``, ``T = 1k .. 8k``."""
+        T, C, p, D = seq_len, min(self.chunk_size, seq_len), self.summary_len, self.head_dim
+        n = -(-T // C)
+        scores, expanded = T * (C + n * p), n * n * p * D
+        per_head = (2 * scores + 3 * expanded + T * D) if backward else (2.5 * scores + 0.75 * expanded + 4 * T * D)
+        return batch * self.n_heads * per_head * elem
 
     def core_flops(self, batch, seq_len, backward):
         """Per head, ``n = ceil(T / C)`` chunks: ``4 n C^2 D`` (own chunk) + ``4 n C (n p) D``
