@@ -90,7 +90,7 @@ from attn_lm import AttentionFactory
 from attn_lm.attention import Attention, MaskPattern
 from attn_lm.attention.config import AttentionDims, attention_config_from_dict
 from attn_lm.attention.functional import reference_attention
-from attn_lm.profiler import _Step, peak_step_memory_mb, time_calls
+from attn_lm.profiler import LayerStep, peak_step_memory_mb, time_calls
 from attn_lm.selector import analytic_memory_bytes
 
 SDPA_BACKENDS = {
@@ -463,7 +463,7 @@ def measure_memory(mech: Mechanism, shape: Shape, mode: str, device, dtype) -> d
     m.train(backward)  # as AttentionProfiler runs it
     torch.manual_seed(0)
     x = torch.randn(shape.B, shape.T, m.dims.d_model, device=device, dtype=dtype, requires_grad=backward)
-    layer_step = _Step(mech.layer, x, x if m.uses_context else None, backward)
+    layer_step = LayerStep(mech.layer, x, x if m.uses_context else None, backward)
     layer_step()
     ms = time_calls(layer_step, 1, device)[0]
     layer_mb, _ = peak_step_memory_mb(layer_step, device)
