@@ -164,8 +164,9 @@ def scale_structure(cfg: DictConfig) -> dict[str, int]:
     """``compare.structure_fraction``: set the attention node's structural size (the option that
     ``covering_option`` names: window, block, stride or chunk) to that fraction of
     ``data.block_size``, so a mechanism keeps one density at every context length (window = T/8 at
-    every T for 1/8). A size set on the command line (not the preset file's) is kept. Low-rank
-    summaries are capped at the new chunk (they must fit in it). Returns what it set."""
+    every T for 1/8). A size set on the command line (not the preset file's) is kept. The
+    mechanism's family says which options follow the size (``Attention.structure_options``:
+    low-rank summaries are capped at the new chunk). Returns what it set."""
     fraction = OmegaConf.select(cfg, "compare.structure_fraction", default=None)
     if fraction is None:
         return {}
@@ -177,10 +178,7 @@ def scale_structure(cfg: DictConfig) -> dict[str, int]:
     if option is None or any(f"attention.{name}" in given for name in (option, *old_names)):
         return {}
     size = max(1, int(int(cfg.data.block_size) * float(fraction)))
-    sizes = {option: size}
-    summary = getattr(mechanism, "summary_option", None)
-    if summary and getattr(config.options, summary) > size:
-        sizes[summary] = size
+    sizes = mechanism.structure_options(config, size)
     for key, value in sizes.items():
         cfg.attention[key] = value
     log.info("structure at T=%s (compare.structure_fraction=%s): %s", cfg.data.block_size, fraction,

@@ -50,8 +50,9 @@ def build_layer(attention_type: str, d_model: int, n_heads: int, seq_len: int, *
     return AttentionFactory.create_attention(config, AttentionDims(d_model, n_heads, max_seq_len=seq_len, **dims))
 
 
-class _Step:
-    """One forward (``backward=False``, under ``no_grad``) or forward + backward of a layer."""
+class LayerStep:
+    """One forward (``backward=False``, under ``no_grad``) or forward + backward of a layer: the step
+    the profiler times and measures (``bench_attention.py --check-memory-model`` measures it too)."""
 
     def __init__(self, layer: Attention, x: Tensor, context: Optional[Tensor], backward: bool):
         self.layer, self.x, self.context, self.backward = layer, x, context, backward
@@ -152,10 +153,10 @@ class AttentionProfiler:
         x = torch.randn(batch_size, seq_len, d_model, device=device, dtype=dtype, requires_grad=backward)
         context = torch.randn_like(x) if layer.uses_context else None
 
-        forward = _Step(layer, x, context, backward=False)
+        forward = LayerStep(layer, x, context, backward=False)
         workloads = {"forward": forward}
         if backward:
-            workloads["forward_backward"] = _Step(layer, x, context, backward=True)
+            workloads["forward_backward"] = LayerStep(layer, x, context, backward=True)
         times: dict[str, list[float]] = {}
         for name, step in workloads.items():
             time_calls(step, warmup, device)

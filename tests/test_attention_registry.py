@@ -145,6 +145,18 @@ def test_options_are_typed_and_every_declared_example_is_valid(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_benchmark_settings_are_valid_options_of_the_mechanism(name):
+    """``bench_options`` (what scripts/bench_attention.py runs the mechanism with) are options it
+    declares, with values valid at the benchmark's default shape (16 heads, up to 32k tokens); a
+    subclass must not inherit settings of options it does not have."""
+    cls = AttentionFactory.get_class(name)
+    dims = AttentionDims(d_model=16 * 64, n_heads=16, max_seq_len=32768)
+    resolved = AttentionFactory.resolve(AttentionConfig(name, options=dict(cls.bench_options)), dims)
+    for option, value in cls.bench_options.items():
+        assert getattr(resolved.options, option) == value
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_foreign_options_are_refused_naming_their_users(name):
     cls = AttentionFactory.get_class(name)
     mine = {f.name for f in dataclasses.fields(cls.Options)}

@@ -60,6 +60,46 @@ def test_bench_attention_skips_after_slow_call(tmp_path):
     assert notes[("full", "32")].startswith("skipped (")
 
 
+MEMORY_CHECK = ["--check-memory-model", "--head-dims", "8", "--heads", "4", "--tokens-heads", "256"]
+
+
+def test_bench_attention_checks_every_memory_model(tmp_path):
+    """--check-memory-model on tiny CPU shapes (too small for the models to hold; the 1k-16k bound
+    is tests/test_selector_profiler.py's): one row per registered mechanism, length and mode with
+    the layer's modelled and measured peak and their ratio, the core's pair, and a summary; with a
+    tolerance every cell meets it exits 0."""
+    from attn_lm import AttentionFactory
+
+    out = tmp_path / "memory.jsonl"
+    stdout = run_script("bench_attention.py", *MEMORY_CHECK, "--seq-lens", "32,64", "--tolerance", "1e9",
+                        "--out", str(out))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    cells = {(rec["name"], rec["T"], rec["mode"]) for rec in records}
+    assert len(records) == len(cells) == len(AttentionFactory.names()) * 2 * 2
+    assert {name for name, _, _ in cells} == set(AttentionFactory.names())
+    for rec in records:
+        assert rec["note"] is None and rec["model_mb"] > 0 and rec["measured_mb"] > 0, rec
+        assert rec["ratio"] == pytest.approx(rec["model_mb"] / rec["measured_mb"])
+        assert rec["family"] == AttentionFactory.get_class(rec["name"]).family and rec["core_model_mb"] > 0
+    assert f"{len(records)} cells within +-100000000000%, 0 outside, 0 failed, 0 skipped" in stdout
+    assert len(table_rows(stdout)) == len(records)
+
+
+def test_bench_attention_memory_check_fails_outside_the_tolerance_and_skips_slow_cells():
+    """A cell outside --tolerance is flagged and listed, and the exit status is 1; a cell predicted
+    slower than --max-call-ms is skipped with the reason and does not fail the check."""
+    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_attention.py"), *MEMORY_CHECK, "--mechanisms",
+                             "full,linear", "--seq-lens", "32", "--tolerance", "0"],
+                            capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "OUTSIDE +-0%" in result.stdout and "- outside: full T=32 D=8 fwd: model" in result.stdout
+    stdout = run_script("bench_attention.py", *MEMORY_CHECK, "--mechanisms", "linear", "--seq-lens", "16,32",
+                        "--modes", "fwd", "--max-call-ms", "0", "--tolerance", "1e9")
+    notes = {row[2]: row[-1] for row in table_rows(stdout)}
+    assert notes["16"] == "-" and notes["32"].startswith("skipped (~")
+    assert "1 cells within" in stdout and "1 skipped" in stdout and "- skipped: linear T=32 D=8 fwd: skipped" in stdout
+
+
 TINY_TRAIN = ["--n-layer", "2", "--d-model", "32", "--n-heads", "2", "--seq-len", "32", "--vocab-size", "64",
               "--batch-size", "2", "--warmup-steps", "1", "--steps", "2", "--matmul-size", "64"]
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,19 @@ class Attention(nn.Module):
     #: can, with no graph break on any device's dispatch path; ``tests/test_compile.py`` holds
     #: every mechanism to this). A model with such a layer compiles with graph breaks around it.
     compile_unsupported: ClassVar[Optional[str]] = None
+    #: ``attend`` runs plain PyTorch ops (chunked scans, feature maps, summaries) that only
+    #: ``torch.compile`` fuses, so the attention benchmark compiles the layer on its own
+    #: (``--compile auto``) to time what a compiled model runs. ``False`` where ``attend`` already
+    #: dispatches to fused kernels (:class:`SoftmaxAttention`).
+    wants_compile: ClassVar[bool] = True
+
+    # ----------------------------------------------------------------- benchmark settings
+    #: Option values of the attention benchmark (``scripts/bench_attention.py``, sequences of
+    #: 1k-32k tokens) where they differ from the defaults, which are sized for the short contexts
+    #: of the quality comparisons (a window of 64 at 32k tokens would be another workload). Only
+    #: options of the class's ``Options`` (the registry test resolves them); ``--options`` of the
+    #: benchmark overrides them.
+    bench_options: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: AttentionConfig, dims: AttentionDims):
         super().__init__()
@@ -131,6 +144,14 @@ class Attention(nn.Module):
         """The option (a window, block or chunk length) whose value, once it reaches the sequence
         length, leaves nothing out: the layer then computes plain full attention. ``None``: none."""
         return None
+
+    @classmethod
+    def structure_options(cls, config: AttentionConfig, size: int) -> dict[str, int]:
+        """The option values that set the layer's structural size to ``size`` tokens (the
+        comparison harness's ``compare.structure_fraction``): its :meth:`covering_option`, plus
+        any option that must shrink with it (``{}``: the layer has no such size)."""
+        option = cls.covering_option(config)
+        return {} if option is None else {option: size}
 
     @classmethod
     def covers_context(cls, config: AttentionConfig, context_len: int) -> Optional[str]:
@@ -292,6 +313,9 @@ class SoftmaxAttention(Attention):
     """
 
     family: ClassVar[str] = "softmax"
+    #: ``attend`` dispatches to fused SDPA / FlexAttention kernels (FlexAttention compiled inside
+    #: :mod:`~attn_lm.attention.functional`): nothing left for ``torch.compile`` to fuse.
+    wants_compile: ClassVar[bool] = False
 
     def __init__(self, config: AttentionConfig, dims: AttentionDims):
         super().__init__(config, dims)

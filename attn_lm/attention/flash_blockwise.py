@@ -285,6 +285,7 @@ class _BlockwiseAttention(SoftmaxAttention):
     compile_unsupported = ("teaching code: empty tiles are skipped by data-dependent Python branches and counted in "
                            "Python state, which torch.compile cannot trace; these layers run eagerly inside a compiled "
                            "model (use 'flash' for the fused kernel)")
+    wants_compile = False  # the tile loop is the point: compiling would unroll it (and cannot, see above)
 
     def __init__(self, config, dims):
         super().__init__(config, dims)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import ChunkSummaryCache
-from .base import MATERIALISED_COPIES, Attention, cached_attention, score_dtype
+from .base import Attention, cached_attention, score_dtype
 from .config import option
 from .factory import register
 from .functional import reference_attention
@@ -65,6 +65,14 @@ class ChunkedLowRankAttention(Attention):
         "a compressed key summarises several positions, so a per-distance bias has no single distance "
         "to use; use position='rope' (rotates q, k before compression) or an exact mechanism for ALiBi"
     )
+    @dataclass(frozen=True)
+    class Options:
+        """The family's option: every mechanism of it has the causal chunked form. A mechanism's
+        ``Options`` subclass this one and add the option named by :attr:`summary_option`."""
+
+        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
+        chunk_size: int = option(64, 4, *range(4, 10))
+
     #: The option giving the number of summaries per chunk (``p``).
     summary_option: ClassVar[str] = ""
     #: Non-causal: the option that makes the published form exact once it reaches the length.
@@ -74,6 +82,15 @@ class ChunkedLowRankAttention(Attention):
     def covering_option(cls, config):
         # Causal: a sequence within one chunk is attended exactly (no completed chunk to compress).
         return "chunk_size" if config.causal else cls.noncausal_exact_option
+
+    @classmethod
+    def structure_options(cls, config, size):
+        """The summaries per chunk are capped at the new size: a chunk of ``size`` tokens has at
+        most ``size`` summaries (:meth:`validate_options`)."""
+        sizes = super().structure_options(config, size)
+        if sizes and getattr(config.options, cls.summary_option) > size:
+            sizes[cls.summary_option] = size
+        return sizes
 
     @classmethod
     def validate_options(cls, config, dims):
@@ -90,11 +107,19 @@ class ChunkedLowRankAttention(Attention):
         self.summary_len = getattr(self.options, self.summary_option)
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Each query scores its chunk and every summary: ``T (C + (T / C) p)`` per head (causal
-        form), three live copies in a forward (scores, their concatenation, probabilities) and
-        4.5 with backward (plus the saved probabilities' gradients; measured on CPU)."""
-        T, C, p = seq_len, min(self.chunk_size, seq_len), self.summary_len
-        return (4.5 if backward else MATERIALISED_COPIES) * batch * self.n_heads * T * (C + T / C * p) * elem
+        """Per head of the causal form, with ``n = ceil(T / C)`` chunks: the scores of each query
+        over its chunk and every summary, ``S = T (C + n p)``; the summary keys and values
+        broadcast over the ``n`` chunks that read them, which the batched matmuls (``Q K^T``,
+        ``P V``) materialise, ``E = n (n p) D`` (as large as the summary scores when ``D = C``:
+        a model in ``S`` alone is off by 1.3x at ``D = C / 2`` or ``2 C``); the chunked copies of
+        ``q, k, v``, ``T D``. At a forward's peak ``2.5 S + 0.75 E + 4 T D``; with backward
+        ``2 S + 3 E + T D`` (the saved expansions and one's gradient). Coefficients fitted to CPU
+        measurements at ``D = 32 .. 128``, ``T = 1k .. 8k``."""
+        T, C, p, D = seq_len, min(self.chunk_size, seq_len), self.summary_len, self.head_dim
+        n = -(-T // C)
+        scores, expanded = T * (C + n * p), n * n * p * D
+        per_head = (2 * scores + 3 * expanded + T * D) if backward else (2.5 * scores + 0.75 * expanded + 4 * T * D)
+        return batch * self.n_heads * per_head * elem
 
     def core_flops(self, batch, seq_len, backward):
         """Per head, ``n = ceil(T / C)`` chunks: ``4 n C^2 D`` (own chunk) + ``4 n C (n p) D``
@@ -257,10 +282,8 @@ class LinformerAttention(ChunkedLowRankAttention):
     summary_option = "proj_len"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ChunkedLowRankAttention.Options):
         proj_len: int = option(16, 4, 1, 2, 3)
-        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
-        chunk_size: int = option(64, 4, *range(4, 10))
 
     @classmethod
     def validate_options(cls, config, dims):
@@ -320,10 +343,9 @@ class NystromAttention(ChunkedLowRankAttention):
     summary_option = "num_landmarks"
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(ChunkedLowRankAttention.Options):
         num_landmarks: int = option(16, 4, 1, 2, 3)
-        #: Causal form: exact within chunks of this many tokens (unused by the non-causal form).
-        chunk_size: int = option(64, 4, *range(4, 10))
+
     noncausal_exact_option = "num_landmarks"  # as many landmarks as tokens: exact (tested)
 
     def summarize(self, k, v):

@@ -29,6 +29,7 @@ class GroupedQueryAttention(SoftmaxAttention):
 
     description = "grouped-query attention: n_kv_heads key/value heads shared by groups of query heads"
     family = "shared_kv"
+    bench_options = {"n_kv_heads": 4}  # groups of 4 query heads at the benchmark's 16 heads
 
     @dataclass(frozen=True)
     class Options:
@@ -64,6 +65,7 @@ class MultiQueryAttention(GroupedQueryAttention):
 
     description = "multi-query attention: all query heads share one key/value head (gqa with n_kv_heads=1)"
     Options = NoOptions
+    bench_options = {}  # n_kv_heads is fixed at 1
 
     @classmethod
     def num_kv_heads(cls, config) -> int:

@@ -84,6 +84,7 @@ class LocalAttention(_BoundedLookbackAttention):
     """
 
     description = "sliding-window softmax attention over the window_size latest tokens, O(T w d), bounded cache"
+    bench_options = {"window_size": 1024}  # 1/16 of the keys at 16k, all of them at 1k
 
     @dataclass(frozen=True)
     class Options:
@@ -113,6 +114,7 @@ class BlockSparseAttention(_BoundedLookbackAttention):
 
     description = "block-sparse softmax attention with a block-offset layout ('0' = block-diagonal), O(T L b d)"
     renamed_options = {"block_size": "sparse_block"}
+    bench_options = {"sparse_block": 128}  # FlexAttention's tile: each block is whole tiles
 
     @dataclass(frozen=True)
     class Options:
@@ -182,6 +184,7 @@ class StridedAttention(SoftmaxAttention):
 
     description = "Sparse Transformer strided attention: local band + every stride-th key, O(T sqrt(T) d)"
     family = "sparse"
+    bench_options = {"stride": 128}  # ~sqrt(T) at the benchmark's 16k: the O(T sqrt(T)) regime
 
     @dataclass(frozen=True)
     class Options:
@@ -210,6 +213,7 @@ class LongformerAttention(_BoundedLookbackAttention):
     """
 
     description = "Longformer: sliding window + global tokens at the start, O(T (w + g) d), bounded cache"
+    bench_options = {"window_size": 1024}  # local's window, so the global tokens' cost shows
 
     @dataclass(frozen=True)
     class Options:
@@ -244,6 +248,7 @@ class BigBirdAttention(SoftmaxAttention):
     description = "BigBird: sliding window + global tokens + seeded random key blocks, O(T (w + g + r b) d)"
     family = "sparse"
     renamed_options = {"block_size": "sparse_block", "seed": "layout_seed"}
+    bench_options = {"window_size": 1024, "sparse_block": 128}  # longformer's window, block_sparse's tiles
 
     @dataclass(frozen=True)
     class Options:
