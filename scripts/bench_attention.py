@@ -216,8 +216,8 @@ class Mechanism:
         """Fast path in ``dtype`` vs a float32 reference on fresh inputs (module docstring)."""
         m = self.module
         gen = torch.Generator(device=device).manual_seed(1)
-        if carries_gates(m):
-            q, k, v = (t.float() for t in gated_inputs(m, 1, T, device, dtype, gen))
+        if m.projected_inputs:
+            q, k, v = (t.float() for t in projected_inputs(m, 1, T, device, dtype, gen))
         else:
             q, k, v = (torch.randn(1, h, T, m.head_dim, generator=gen, device=device)
                        for h in (m.n_heads, m.n_kv_heads, m.n_kv_heads))
@@ -250,14 +250,10 @@ def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.
     return forward_backward
 
 
-def carries_gates(module: Attention) -> bool:
-    """Mechanisms whose ``project`` appends per-token gates to each key (``keys_carry_gates``):
-    random keys would carry invalid gates (a log-decay above 0, a beta outside (0, 1))."""
-    return module.keys_carry_gates
-
-
-def gated_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
-    """``q, k, v`` of such a mechanism: its own projection of random ``x`` (no grad)."""
+def projected_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
+    """``q, k, v`` of a mechanism whose ``attend`` takes only its own projection's output
+    (``Attention.projected_inputs``: random keys would carry invalid gates, or not be a latent
+    row): its projection of random ``x`` (no grad)."""
     x = torch.randn(B, T, module.dims.d_model, device=device, dtype=dtype, generator=generator)
     with torch.no_grad():
         return list(module.project(x, None))
@@ -397,9 +393,9 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
     q_shape, kv_shape = (shape.B, m.n_heads, shape.T, shape.D), (shape.B, m.n_kv_heads, shape.T, shape.D)
 
     def core_step():
-        if carries_gates(m):
+        if m.projected_inputs:
             torch.manual_seed(0)
-            inputs = [t.requires_grad_(mode == "fwd+bwd") for t in gated_inputs(m, shape.B, shape.T, device, dtype)]
+            inputs = [t.requires_grad_(mode == "fwd+bwd") for t in projected_inputs(m, shape.B, shape.T, device, dtype)]
         else:
             inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
         return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])

@@ -50,6 +50,22 @@ def test_bench_attention_tiny(tmp_path):
     assert {rec["B"] for rec in records} == {4, 2}  # B = 256 // (2 heads * T)
 
 
+def test_bench_attention_times_every_registered_mechanism(tmp_path):
+    """Every mechanism's attention core runs forward and backward on the inputs the benchmark
+    makes for it (its own projection where ``attend`` needs one: gates, a latent row) and matches
+    its reference: no row may end in an error note."""
+    from attn_lm import AttentionFactory
+
+    out = tmp_path / "attn.jsonl"
+    run_script("bench_attention.py", "--seq-lens", "32", "--head-dims", "16", "--heads", "4", "--tokens-heads", "128",
+               "--check-len", "32", "--baselines", "naive", "--modes", "fwd+bwd", "--compile", "none",
+               "--target-ms", "1", "--out", str(out))
+    records = {rec["name"]: rec for rec in map(json.loads, out.read_text().splitlines()) if rec["kind"] == "mechanism"}
+    assert set(records) == set(AttentionFactory.names())
+    for name, rec in records.items():
+        assert rec["note"] is None and rec.get("ms", 0) > 0 and rec["rel_err"] < 1e-4, (name, rec)
+
+
 def test_bench_attention_skips_after_slow_call(tmp_path):
     stdout = run_script(
         "bench_attention.py", "--mechanisms", "full", "--seq-lens", "16,32", "--head-dims", "8", "--heads", "2",

@@ -71,9 +71,10 @@ class Attention(nn.Module):
     quadratic: ClassVar[bool] = True
     #: Queries from ``x``, keys/values from ``context`` (cross-attention).
     uses_context: ClassVar[bool] = False
-    #: ``project`` appends per-token gates to each key (gla, deltanet): ``attend`` needs keys that
-    #: came from ``project``, not arbitrary tensors (benchmarks feed it projected inputs).
-    keys_carry_gates: ClassVar[bool] = False
+    #: ``attend`` needs the ``q, k, v`` that ``project`` makes, not any ``[B, H, T, D]`` tensors:
+    #: keys that carry per-token gates (gla, deltanet), a latent row in place of keys and queries
+    #: wider than ``head_dim`` (mla). Benchmarks feed such a mechanism its own projection.
+    projected_inputs: ClassVar[bool] = False
     #: The mechanism whose function this one computes with another kernel (``sdpa`` and the
     #: tile-by-tile teaching code compute ``full``): a row of the speed tables, not of quality
     #: comparisons (``None``: a function of its own).

@@ -103,7 +103,7 @@ class DeltaNetAttention(MatrixStateAttention):
     description = "DeltaNet / Gated DeltaNet (gated=true): delta-rule state updates, chunkwise WY O(T C D + T D^2)"
     family = "delta_rule"
     alibi_unsupported = "its state has no per-key score to bias; use position='rope' or 'none'"
-    keys_carry_gates = True
+    projected_inputs = True
     mask_unsupported = ("its state is a non-linear function of every earlier key (each write erases along its key), "
                         "so a [T, S] mask over keys has no recurrent form; use an exact mechanism (e.g. 'full') for "
                         "custom masks")

@@ -76,7 +76,7 @@ class GatedLinearAttention(MatrixStateAttention):
     description = "Gated Linear Attention: data-dependent per-channel gates, chunkwise O(T C D + T D^2), O(D^2) state"
     alibi_unsupported = "the data-dependent gates already are its distance decay; use position='rope' or 'none'"
 
-    keys_carry_gates = True
+    projected_inputs = True
 
     def head_copies(self, backward):
         # cumulative log gates, their exponentials and the gated queries/keys of every chunk

@@ -72,6 +72,7 @@ class MultiHeadLatentAttention(SoftmaxAttention):
     description = "DeepSeek-V2 multi-head latent attention: low-rank latent K/V + decoupled RoPE, tiny absorbed cache"
     family = "latent"
     exact = False
+    projected_inputs = True  # queries of r + D channels, a latent row for keys
     cache_kind = "latent"
     uneven_heads = True  # scores over rope_dim + D channels, values of D
 
