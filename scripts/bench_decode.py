@@ -33,8 +33,10 @@ several calls. A row whose step or prefill fell back to eager (a warning says wh
 its ``note``.
 
 GPU (the issue's numbers, H200, GPT-2-small shape, bf16; defaults: prompt 512, 256 new tokens,
-batches 1 8 64, contexts 1024 4096 16384, local window 256, gqa 2 kv heads). Batch 1 against HF
-(HF is timed in every generation call, for the ratio; 5 steps + 5 prefills compiled)::
+batches 1 8 64, contexts 1024 4096 16384; each mechanism's default options: local window 64,
+gqa 2 kv heads; issue 14's table used local window 256: ``--options local.window_size=256``).
+Batch 1 against HF (HF is timed in every generation call, for the ratio; 5 steps + 5 prefills
+compiled)::
 
     python scripts/bench_decode.py --hf --compile-prefill --mechanisms full gqa mqa local linear --batches 1 --contexts
 
@@ -69,7 +71,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mechanisms", nargs="+", default=None, help="attention types (default: every registered one)")
     p.add_argument("--options", nargs="*", default=[], metavar="MECH.OPTION=VALUE",
-                   help="mechanism options (default: each mechanism's own, e.g. local window 256, gqa 2 kv heads)")
+                   help="mechanism options (default: each mechanism's own, e.g. local window 64, gqa 2 kv heads)")
     p.add_argument("--batches", nargs="*", type=int, default=[1, 8, 64], help="generation-table batches (none: skip it)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens of the generation table")
     p.add_argument("--new-tokens", type=int, default=256)
