@@ -125,12 +125,15 @@ def test_inductor_compiled_step_equals_eager():
                                rtol=0, atol=0)
 
 
-def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
-    def uncompilable(fn, **kwargs):
-        def step(*args):
-            raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
-        return step
+def uncompilable(fn, **kwargs):
+    """Stands in for ``torch.compile``: a compiled function that fails as Dynamo does on an
+    untraceable op."""
+    def compiled(*args):
+        raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
+    return compiled
 
+
+def test_a_step_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
     monkeypatch.setattr(torch, "compile", uncompilable)
     model = tiny_gpt("local")
     prompt = torch.randint(0, V, (2, 4))
@@ -235,11 +238,6 @@ def test_compiled_prefill_compiles_once_per_width_bucket(monkeypatch):
 
 
 def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(monkeypatch):
-    def uncompilable(fn, **kwargs):
-        def compiled(*args):
-            raise torch._dynamo.exc.TorchDynamoException("an op Dynamo cannot trace")
-        return compiled
-
     monkeypatch.setattr(torch, "compile", uncompilable)
     model = tiny_gpt("linear")
     prompt = torch.randint(0, V, (2, 4))
