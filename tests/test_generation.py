@@ -271,19 +271,18 @@ def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
 @pytest.mark.parametrize("name", NAMES)
 def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch):
-    """On the GPU: the CUDA-graph step (reduce-overhead) gives the eager step's and the uncached
-    forward's greedy tokens, for a batch of left-padded prompts (fp32, TF32 off, so the three paths
-    compute the same numbers up to summation order)."""
+    """On the GPU: the CUDA-graph step (reduce-overhead), alone and after the compiled prefill,
+    gives the eager step's and the uncached forward's greedy tokens, for a batch of left-padded
+    prompts (fp32, TF32 off, so the paths compute the same numbers up to summation order)."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = tiny_gpt(name).cuda()
     idx, lengths = left_padded([torch.randint(0, V, (n,)) for n in (9, 4, 6)])
     idx = idx.cuda()
     eager = model.generate(idx, 16, temperature=0, prompt_lengths=lengths)
-    torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, compile=True), eager,
-                               rtol=0, atol=0)
-    torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, use_cache=False),
-                               eager, rtol=0, atol=0)
+    for options in ({"compile": True}, {"compile": True, "compile_prefill": True}, {"use_cache": False}):
+        torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, **options), eager,
+                                   rtol=0, atol=0, msg=lambda m: f"{options}: {m}")
 
 
 # ------------------------------------------------------------------------------ context window
