@@ -108,7 +108,8 @@ def decode_one_token(model: nn.Module, token: Tensor, input_pos: Tensor, caches:
 
 
 #: Recompilations Dynamo allows per compiled function: each model, batch and cache size (and each
-#: prefill width bucket) is one of the same function. Past it Dynamo would silently run eager.
+#: prefill width bucket) is one of the same function. Past it Dynamo raises (fullgraph, recent
+#: torch) or runs eager in silence (older torch); :class:`Decoder` warns and decodes eagerly either way.
 RECOMPILE_LIMIT = 256
 
 
@@ -117,9 +118,8 @@ def _raise_recompile_limit() -> None:
         setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
 
 
-#: What a compiled call raises when it cannot be compiled: Dynamo's errors, and (under
-#: ``fail_on_recompile_limit_hit``, torch >= 2.7) the recompile limit, which would otherwise run
-#: eager silently.
+#: What a compiled call raises when it cannot be compiled: Dynamo's errors, and the recompile
+#: limit (``FailOnRecompileLimitHit``: under ``fullgraph``, or ``fail_on_recompile_limit_hit``).
 COMPILE_ERRORS = (TorchDynamoException, *(getattr(dynamo_exc, name) for name in ("FailOnRecompileLimitHit",)
                                           if hasattr(dynamo_exc, name)))
 
@@ -134,8 +134,8 @@ def _fail_on_recompile_limit():
 def compile_step(device: torch.device) -> StepFn:
     """:func:`decode_one_token` compiled as one graph: CUDA graphs on GPU (``reduce-overhead``),
     Inductor kernels on CPU. ``fullgraph=True`` turns a graph break into an error. Each model is a
-    recompilation of the same function, so the recompile limit is raised (past it Dynamo would
-    silently run eager)."""
+    recompilation of the same function, so the recompile limit is raised (past it, see
+    :data:`RECOMPILE_LIMIT`)."""
     _raise_recompile_limit()
     mode = "reduce-overhead" if device.type == "cuda" else None
     return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
@@ -208,6 +208,7 @@ class Decoder:
         self.prefill_fn: PrefillFn = compile_prefill_fn() if self.compile_prefill else prefill
         self.caches: list[LayerCache] = []
         self.caches_batch = 0
+        self._step_unchecked = True  # the next compiled step may compile (see _compiled_step)
         self.tokens: Optional[Tensor] = None  # [B, max_len] right-padded history
         self.lengths: list[int] = []  # tokens per row so far (host ints: no sync)
         self.input_pos: Optional[Tensor] = None  # [B, 1] position of each row's next token
@@ -257,9 +258,16 @@ class Decoder:
         skips = counters["inductor"]["cudagraph_skips"]
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
+        # Past the recompile limit Dynamo raises FailOnRecompileLimitHit under fullgraph (recent
+        # torch) or would run eager in silence (torch without that default): both must end in the
+        # warned fallback below, not a crash or silence. Only the first step on a set of caches
+        # can compile (later ones pass the same shapes and buffers), so only it runs with the hard
+        # failure switched on; the rest skip the config patch, a few percent of a CUDA-graph step.
         try:
-            logits = self.step_fn(self.model, token, pos, self.caches)
-        except TorchDynamoException as error:  # raised while compiling, before any cache is written
+            with _fail_on_recompile_limit() if self._step_unchecked else contextlib.nullcontext():
+                logits = self.step_fn(self.model, token, pos, self.caches)
+            self._step_unchecked = False
+        except COMPILE_ERRORS as error:  # raised while compiling, before any cache is written
             warnings.warn(f"the decoding step of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
                           f"({compile_error_reason(error)}); decoding eagerly", stacklevel=3)
             self.compile, self.step_fn = False, decode_one_token
@@ -308,6 +316,7 @@ class Decoder:
         if self.caches_batch != batch:
             self.caches = self.model.new_caches(batch, self.capacity)
             self.caches_batch = batch
+            self._step_unchecked = True  # new buffers: the next compiled step may compile
             if self.compile:
                 # Buffers the graph writes in place (and fixed ones such as KV positions) keep one
                 # address, so CUDA graphs read and write them directly instead of copying them.

@@ -251,8 +251,9 @@ def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(m
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
 def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
-    """Past Dynamo's recompile limit a compiled function would run eagerly without a word; the
-    compiled prefill turns that into its warned fallback."""
+    """Past Dynamo's recompile limit a compiled function raises (fullgraph, recent torch) or runs
+    eagerly without a word (older torch); the compiled prefill turns either into its warned
+    fallback."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     model = tiny_gpt("full")
@@ -265,6 +266,27 @@ def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
         logits = decoder.prefill(prompt)
     assert not decoder.compile_prefill
     torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
+def test_the_recompile_limit_of_the_step_is_a_warned_fallback(monkeypatch):
+    """The compiled step too: a batch size past the recompile limit warns and decodes eagerly."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = tiny_gpt("local")
+    decoder = Decoder(model, 30, compile=True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    decoder.prefill(torch.randint(0, V, (1, 5)))
+    decoder.step(torch.randint(0, V, (1, 1)))  # batch 1: the one graph allowed
+    prompt, token = torch.randint(0, V, (2, 5)), torch.randint(0, V, (2, 1))
+    decoder.prefill(prompt)  # batch 2: new caches, so the next step recompiles, past the limit
+    reason = r"step of local cannot be compiled \(.*recompile_limit = 1 graphs\); decoding eagerly"
+    with pytest.warns(UserWarning, match=reason):
+        logits = decoder.step(token)
+    assert not decoder.compile
+    eager = Decoder(model, 30)
+    eager.prefill(prompt)
+    torch.testing.assert_close(logits, eager.step(token), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
