@@ -250,13 +250,25 @@ def make_step(fn: Callable[..., Tensor], inputs: list[Tensor], out_shape: torch.
     return forward_backward
 
 
-def projected_inputs(module: Attention, B: int, T: int, device, dtype, generator=None) -> list[Tensor]:
+def layer_inputs(module: Attention, x: Tensor, requires_grad: bool) -> list[Tensor]:
+    """``q, k, v`` as the layer hands them to ``attend``: its own projection of ``x`` (head-split
+    views of one QKV tensor, gates appended to keys where the family does, MLA's latent row),
+    detached into leaves. Copies that ``attend`` makes of such views are part of what the memory
+    models describe, so contiguous random tensors would measure another call. A tensor the
+    projection returns twice (MLA's latent row as keys and values) stays one leaf."""
+    with torch.no_grad():
+        projected = module.project(x, x if module.uses_context else None)
+    leaves = {id(t): t.detach().requires_grad_(requires_grad) for t in projected}
+    return [leaves[id(t)] for t in projected]
+
+
+def projected_inputs(module: Attention, B: int, T: int, device, dtype, generator=None,
+                     requires_grad: bool = False) -> list[Tensor]:
     """``q, k, v`` of a mechanism whose ``attend`` takes only its own projection's output
     (``Attention.projected_inputs``: random keys would carry invalid gates, or not be a latent
-    row): its projection of random ``x`` (no grad)."""
+    row): :func:`layer_inputs` of random ``x``."""
     x = torch.randn(B, T, module.dims.d_model, device=device, dtype=dtype, generator=generator)
-    with torch.no_grad():
-        return list(module.project(x, None))
+    return layer_inputs(module, x, requires_grad)
 
 
 def random_inputs(shapes: list[tuple[int, ...]], mode: str, device, dtype) -> list[Tensor]:
@@ -395,7 +407,7 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
     def core_step():
         if m.projected_inputs:
             torch.manual_seed(0)
-            inputs = [t.requires_grad_(mode == "fwd+bwd") for t in projected_inputs(m, shape.B, shape.T, device, dtype)]
+            inputs = projected_inputs(m, shape.B, shape.T, device, dtype, requires_grad=mode == "fwd+bwd")
         else:
             inputs = random_inputs([q_shape, kv_shape, kv_shape], mode, device, dtype)
         return make_step(mech.core, inputs, torch.Size(q_shape), mode, [])
@@ -422,16 +434,6 @@ def run_mechanism(sweep: Sweep, name: str, prepared: Prepared, shape: Shape, mod
 CHECK_SWEEP = {"seq_lens": [1024, 4096, 16384], "head_dims": [128]}
 CHECK_COLUMNS = ["name", "family", "T", "D", "B", "mode", "model MB", "measured MB", "model/measured",
                  "core model MB", "core measured MB", "wall s", "note"]
-
-
-def layer_inputs(module: Attention, x: Tensor, requires_grad: bool) -> list[Tensor]:
-    """``q, k, v`` as the layer hands them to ``attend``: its own projection of ``x`` (head-split
-    views of one QKV tensor, gates appended to keys where the family does, MLA's latent row),
-    detached into leaves. Copies that ``attend`` makes of such views are part of what the memory
-    models describe, so contiguous random tensors would measure another call."""
-    with torch.no_grad():
-        q, k, v = module.project(x, x if module.uses_context else None)
-    return [t.detach().requires_grad_(requires_grad) for t in (q, k, v)]
 
 
 def nbytes(tensors) -> int:

@@ -65,6 +65,7 @@ class ChunkedLowRankAttention(Attention):
         "a compressed key summarises several positions, so a per-distance bias has no single distance "
         "to use; use position='rope' (rotates q, k before compression) or an exact mechanism for ALiBi"
     )
+
     @dataclass(frozen=True)
     class Options:
         """The family's option: every mechanism of it has the causal chunked form. A mechanism's
