@@ -42,10 +42,11 @@ the SpeedMonitor), and times the bare compiled step of the *same* model (its che
 config, same optimizer and clipping, on a batch of the loop's own data) in this process. The
 loop's step time is a mean over its measured steps in a row, so the bare step is timed the same
 way (as many steps in a row, mean) and their ratio is the loop's overhead
-(``--max-loop-overhead``); the usual burst median of ``--steps`` steps is printed beside it (a
-card does not always hold its clock over a run as over a burst). ``--nanogpt-dir DIR`` also runs nanoGPT's own ``train.py`` from
-``DIR`` (prepared as ``../shared/tools/nanogpt-baseline.sh`` describes) at that shape in the same
-call and compares tokens/s (``--min-loop-ratio``).
+(``--max-loop-overhead``); the usual burst median of ``--steps`` steps is printed beside it (on
+an H200 the same step measured 4% slower sustained than in a burst: benchmarks/RESULTS.md 3g).
+``--nanogpt-dir DIR`` also runs nanoGPT's own ``train.py`` from ``DIR`` (prepared as
+``../shared/tools/nanogpt-baseline.sh`` describes) at that shape in the same call and compares
+tokens/s (``--min-loop-ratio``).
 
 Output: a markdown table on stdout (streamed), a summary of ratios and checks, and JSON lines in
 ``--out``.
@@ -166,7 +167,7 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, 
     """Warm-up then timed training steps of ``model`` on one fixed batch (``batch``, else random
     tokens); returns the row's measurements. ``sustained_steps``: then also the mean step time
     over that many consecutive steps (``sustained_ms``), the statistic of a training run's
-    speed windows: a card keeps its clock for a burst of 20 steps, not always for a run."""
+    speed windows (a burst's median can be faster than a run's mean of the same step)."""
     device = args.device
     model = model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
