@@ -52,7 +52,13 @@ def build_layer(attention_type: str, d_model: int, n_heads: int, seq_len: int, *
 
 class LayerStep:
     """One forward (``backward=False``, under ``no_grad``) or forward + backward of a layer: the step
-    the profiler times and measures (``bench_attention.py --check-memory-model`` measures it too)."""
+    the profiler times and measures (``bench_attention.py --check-memory-model`` measures it too).
+
+    The step drops the gradients it made before it returns, so the next step starts from the
+    weights and the input alone. Dropping them at the start instead would free the previous step's
+    gradients inside the measured step: on CUDA, where the peak is taken against the memory
+    allocated before the step, that subtracted the weight and input gradients from every
+    measurement (the CPU profiler never sees those frees, so it counted them)."""
 
     def __init__(self, layer: Attention, x: Tensor, context: Optional[Tensor], backward: bool):
         self.layer, self.x, self.context, self.backward = layer, x, context, backward
@@ -62,10 +68,10 @@ class LayerStep:
             with torch.no_grad():
                 self.layer(self.x, context=self.context)
             return
-        self.layer.zero_grad(set_to_none=True)
-        self.x.grad = None
         y = self.layer(self.x, context=self.context)
         y.backward(torch.ones_like(y))
+        self.layer.zero_grad(set_to_none=True)
+        self.x.grad = None
 
 
 def time_calls(step: Callable[[], None], iterations: int, device: torch.device) -> list[float]:

@@ -465,9 +465,7 @@ def measure_memory(mech: Mechanism, shape: Shape, mode: str, device, dtype) -> d
     layer_step()
     ms = time_calls(layer_step, 1, device)[0]
     layer_mb, _ = peak_step_memory_mb(layer_step, device)
-    del layer_step
-    x.grad = None
-    m.zero_grad(set_to_none=True)
+    del layer_step  # it dropped its gradients (LayerStep)
 
     inputs = layer_inputs(m, x.detach(), backward)
     with torch.no_grad():
