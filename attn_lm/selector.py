@@ -42,14 +42,29 @@ Memory of a candidate — the same quantity :class:`~attn_lm.profiler.AttentionP
   ``B``, length ``T``, width ``d``, ``H`` query heads, ``Hkv`` key/value heads of size ``D``::
 
       projections   P = B T ((H + 2 Hkv) D + H D + d)        qkv, attention output, output
-      forward       P e + core
-      fwd + bwd     2 P e + core + B T d e + params e
-                    (activations and their gradients, the input and weight gradients)
+      CPU path      forward    P e + core
+                    fwd + bwd  2 P e + core + B T d e + params e
+                               (activations and their gradients, the input and weight gradients)
+      fused path    forward    B T (H + 2 Hkv) D e + B T H D e + max(core, B T d e)
+                    fwd + bwd  2 P e + core + |W_out| e
 
   with ``core`` the family's own model, ``layer.core_bytes(B, T, e, backward, fused)`` (see each
   family). ``fused`` models the fused GPU path (FlexAttention's ``BlockMask`` for sparse patterns:
   no ``T x T`` tensor) when ``device`` is a GPU or not given — the path the mechanisms are built
   for — and the CPU path (a sparse pattern as a dense mask) for ``device="cpu"``.
+
+  The fused path's terms are derived from what a step holds, not fitted. A forward under
+  ``no_grad`` holds ``qkv`` (``forward``'s locals) and the core's output; the core's temporaries
+  are freed when it returns, before the output projection allocates ``B T d``, so the two meet in
+  a ``max``. With backward the peak is inside the core's backward: alive are ``qkv`` (the core
+  saved views of it), the core's output (saved by the output projection and by fused kernels), the
+  layer's output and the gradient it is seeded with (``2 B T d``), the output projection's input
+  gradient (``B T H D``) and weight gradient, and the core's input gradients (``B T (H + 2 Hkv)
+  D``); the input and QKV weight gradients come later, after the core's saved tensors are freed,
+  and the split's concatenated gradient (``B T (H + 2 Hkv) D`` more) only once the core's
+  workspace is gone. ``core`` is what the core holds beyond that at its backward's peak (saved
+  statistics, fused kernels' workspaces, fp32 copies). The CPU path keeps the coefficients
+  measured on CPU (its kernels and their buffers differ).
   ``tests/test_selector_profiler.py`` checks every family's model against CPU measurements.
   Cache (inference) = ``layer.new_cache(B, T).nbytes()`` built on the meta device (exact).
 
@@ -129,12 +144,16 @@ def analytic_memory_bytes(layer: Attention, batch: int, seq_len: int, dtype: tor
     """Peak extra memory of one step of ``layer`` under the model of the module docstring."""
     B, T, e = batch, seq_len, torch.finfo(dtype).bits // 8
     H, Hkv, D, d = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.dims.d_model
-    projections = B * T * ((H + 2 * Hkv) * D + H * D + d)
+    qkv, heads, out = B * T * (H + 2 * Hkv) * D, B * T * H * D, B * T * d
     core = layer.core_bytes(B, T, e, backward, fused)
+    if fused:
+        if not backward:
+            return (qkv + heads) * e + max(core, out * e)
+        return 2 * (qkv + heads + out) * e + core + sum(p.numel() for p in layer.out.parameters()) * e
     if not backward:
-        return projections * e + core
+        return (qkv + heads + out) * e + core
     params = sum(p.numel() for p in layer.parameters())
-    return 2 * projections * e + core + B * T * d * e + params * e
+    return 2 * (qkv + heads + out) * e + core + out * e + params * e
 
 
 def cache_bytes(layer: Attention, batch: int, seq_len: int, dtype: torch.dtype) -> int:

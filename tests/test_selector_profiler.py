@@ -142,14 +142,17 @@ def test_each_familys_memory_model_matches_cpu_measurements(name, one_thread):
 
 def test_sparse_patterns_are_charged_their_fused_path_on_gpu():
     """Issue 12: FlexAttention's BlockMask builds no T x T mask, so at long context a sparse
-    pattern costs what full attention costs on the fused path (per-row statistics), not the
-    dense mask of the CPU path."""
+    pattern costs at most what full attention costs on the fused path (per-row statistics; no
+    fp32 dQ accumulator in FlexAttention's backward), linear in T, not the dense mask of the CPU
+    path."""
     T = 8192
     for name in SELF_ATTENTION:
         layer = build_layer(name, 512, 8, T)
         if layer.exact and not layer.quadratic:
             full = build_layer(SELF_ATTENTION[0], 512, 8, T)
-            assert layer.core_bytes(1, T, 4, True, fused=True) == full.core_bytes(1, T, 4, True, fused=True)
+            fused = layer.core_bytes(1, T, 4, True, fused=True)
+            assert fused <= full.core_bytes(1, T, 4, True, fused=True) < T * T
+            assert layer.core_bytes(1, 2 * T, 4, True, fused=True) == 2 * fused
             assert layer.core_bytes(1, T, 4, True, fused=False) > T * T * 4
 
 

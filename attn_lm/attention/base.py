@@ -333,17 +333,54 @@ class SoftmaxAttention(Attention):
         return self.pattern.is_full
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
-        """Fused kernels (SDPA; FlexAttention with the pattern's ``BlockMask`` on GPU) keep only
-        per-row softmax statistics, ``O(T)``. A sparse pattern on CPU runs SDPA with its dense
-        additive bias, ``T x T`` shared by batch and heads (filled block by block, see
-        :func:`~attn_lm.attention.functional.pattern_bias`); uneven heads on CPU materialise the
-        scores (the default model)."""
-        if not fused and self.uneven_heads:
+        """CPU: the fused CPU kernel keeps per-row statistics, ``B H T`` elements; a sparse pattern
+        runs SDPA with its dense additive bias, ``T x T`` shared by batch and heads (filled block
+        by block, see :func:`~attn_lm.attention.functional.pattern_bias`); uneven heads
+        materialise the scores (the default model).
+
+        GPU (:meth:`fused_core_bytes`): what the fused kernels hold besides ``q, k, v``, the
+        output and the gradients that the layer's model counts."""
+        if fused:
+            return self.fused_core_bytes(batch, seq_len, elem, backward)
+        if self.uneven_heads:
             return super().core_bytes(batch, seq_len, elem, backward, fused)
         stats = float(batch * self.n_heads * seq_len * elem)
-        if fused or self.pattern.is_full:
+        return stats if self.pattern.is_full else stats + seq_len**2 * elem
+
+    #: Width of the query/key heads the fused kernel reads (``head_dim`` unless the scores'
+    #: heads differ from the values', see :attr:`uneven_heads`).
+    @property
+    def score_dim(self) -> int:
+        return self.head_dim
+
+    #: Key/value heads the fused kernel receives (fewer than ``n_heads``: it broadcasts them).
+    @property
+    def kernel_kv_heads(self) -> int:
+        return self.n_kv_heads
+
+    def fused_core_bytes(self, batch: int, seq_len: int, elem: int, backward: bool) -> float:
+        """One fused call on the GPU, scores :attr:`score_dim` (``Dqk``) wide.
+
+        * Forward: the fp32 logsumexp ``[B, H, T]`` that SDPA (cuDNN, FlashAttention-2) and
+          FlexAttention write (and, with backward, save).
+        * Backward, full pattern (cuDNN's SDPA backward, FlashAttention-2's ``mha_bwd``: both
+          FlashAttention-2's algorithm): the fp32 ``dQ`` accumulator ``[B, H, T, Dqk]`` (each
+          key tile adds its share to every query row), and the fp32 row sums ``rowsum(dO * O)``
+          ``[B, H, T]``; with shared key/value heads also ``dK, dV`` per *query* head in the
+          input dtype, ``2 [B, H, T, D]``, summed over each group afterwards (FlashAttention-2's
+          ``dk_expanded`` / ``dv_expanded``, cuDNN's full-head ``dK, dV``).
+        * Backward, sparse pattern (FlexAttention's Triton backward): the same row sums; each
+          program owns its ``dQ`` tile and loops over the block mask's key tiles (and over the
+          query heads of a shared key/value head for ``dK, dV``), so no accumulator in memory."""
+        rows = batch * self.n_heads * seq_len
+        stats = rows * 4.0  # fp32 logsumexp
+        if not backward:
             return stats
-        return stats + seq_len**2 * elem
+        stats += rows * 4.0  # fp32 rowsum(dO * O)
+        if not self.pattern.is_full:
+            return stats
+        shared = 2 * rows * self.head_dim * elem if self.kernel_kv_heads < self.n_heads else 0
+        return stats + rows * self.score_dim * 4.0 + shared
 
     def core_flops(self, batch, seq_len, backward):
         """``4 B H T^2 D x density`` (``Q K^T`` and ``P V`` over the scores the pattern allows);

@@ -94,14 +94,21 @@ class DiffAttention(SoftmaxAttention):
             nn.Parameter(torch.randn(half) * 0.1) for _ in range(4))
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
+    @property
+    def score_dim(self) -> int:
+        return self.head_dim // 2
+
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """Two softmax maps under the pattern and :attr:`head_copies` head-sized tensors. On
         the CPU's math kernel a forward holds one map's scores at a time (the default model's
-        three copies); with backward both maps' probabilities are saved, a fourth copy."""
+        three copies); with backward both maps' probabilities are saved, a fourth copy. On the
+        GPU the two fused calls run one after the other, forward and backward: one call's
+        backward workspace at a time, next to the other map's saved logsumexp."""
         heads = self.head_copies * batch * self.n_heads * seq_len * self.head_dim * elem
         if not fused:
             return heads + (4 / 3 if backward else 1) * super().core_bytes(batch, seq_len, elem, backward, fused)
-        return heads + 2 * super().core_bytes(batch, seq_len, elem, backward, fused)
+        return (heads + self.fused_core_bytes(batch, seq_len, elem, backward)
+                + self.fused_core_bytes(batch, seq_len, elem, False))
 
     def core_flops(self, batch, seq_len, backward):
         """Two maps of ``D/2``-wide scores, each times ``D``-wide values: 1.5x softmax attention."""

@@ -117,6 +117,14 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         latent = latent[:, None]
         return q.unflatten(-1, (H, -1)).transpose(1, 2), latent, latent
 
+    @property
+    def score_dim(self) -> int:
+        return self.rope_dim + self.head_dim
+
+    @property
+    def kernel_kv_heads(self) -> int:  # the latent is materialised per head before the kernel
+        return self.n_heads
+
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """Softmax attention under the pattern over keys/values materialised per head from the
         latent: the up-projection ``2 H D`` and the keys ``[k^R, W_UK c]`` ``(r + D)`` per token and head."""
