@@ -78,7 +78,17 @@ class KernelizedAttention(Attention):
         features ``2 T F`` (:meth:`feature_copies` copies)."""
         T, C, F_, D = seq_len, self.chunk(seq_len), self.feature_dim, self.head_dim
         per_head = 2 * T * C + self.feature_copies(backward) * 2 * T * F_ + 2 * T / C * F_ * D
-        return batch * self.n_heads * per_head * max(elem, 4)
+        return batch * self.n_heads * (per_head + self.upcast_copies(elem, backward) * T * D) * max(elem, 4)
+
+    @staticmethod
+    def upcast_copies(elem: int, backward: bool) -> int:
+        """Head-sized float32 tensors that exist only because the inputs are narrower than
+        float32 (in float32 the casts of :meth:`features` return their inputs, which the layer's
+        model counts already, and the coefficients above were measured so): the float32 copies
+        of ``q, k, v``, saved by the feature maps and the scan's matmuls, and with backward their
+        float32 gradients, which accumulate over the whole scan's backward before each is cast
+        back to the input dtype."""
+        return 0 if elem >= 4 else 6 if backward else 3
 
     def feature_copies(self, backward: bool) -> int:
         """Live copies of the features at the peak (default: the features and the map's input)."""
