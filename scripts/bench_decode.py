@@ -26,9 +26,10 @@ recorded and the prefill compiled once. Three tables:
    caches read the same bytes at every ``L``). Only steps are timed here, so the prefill stays
    eager (``--compile-prefill`` would compile one prefill per context for nothing).
 
-Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs. The
-step is compiled once per (mechanism, batch, cache size), and with ``--compile-prefill`` the
-prefill once per (mechanism, batch): tens of seconds each on GPU, so split a long sweep over
+Timings: CUDA is synchronised around each timed region; the median of ``--repeats`` runs. Each
+row starts from a fresh compile state (:func:`fresh_compile_state`: in one process, a decoder
+recorded after another of the same step shapes replays ~15% slower), so the step is compiled once per
+row, and with ``--compile-prefill`` the prefill too: tens of seconds each on GPU, so split a long sweep over
 several calls. A row whose step or prefill fell back to eager (a warning says why) says so in
 its ``note``.
 
@@ -135,9 +136,22 @@ def param_bytes(model: GPT) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def fresh_compile_state() -> None:
+    """Forget every compiled graph and CUDA-graph recording before a row, so each row is timed as
+    the first decoder of a process (the CLI's case). Without it, a decoder whose step has the same
+    shapes as an earlier one's ran ~15% slower (measured: ``linear``, whose state does not grow
+    with the context, decoded 1,958 tok/s at a 1k context as the first such decoder and 1,644-1,675
+    as the second to fourth, at 1k or 16k; RESULTS.md 6e). The likely cause, read in the source and
+    not measured apart: CUDA-graph trees keep every recording of a compiled graph, and a replay
+    first checks (and fails) the recordings of the earlier decoders (``torch/_inductor/
+    cudagraph_trees.py``, ``_run``)."""
+    torch._dynamo.reset()
+
+
 def generation_row(model: GPT, batch: int, args: argparse.Namespace, device: torch.device,
                    copy: float) -> dict[str, Any]:
     """End-to-end greedy generation, then its prefill and steps timed apart on the same decoder."""
+    fresh_compile_state()
     total = args.prompt + args.new_tokens
     decoder = Decoder(model, total, max_context=total, compile=not args.eager, compile_prefill=args.compile_prefill)
     idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
@@ -166,6 +180,7 @@ def step_columns(model: GPT, decoder: Decoder, batch: int, positions: int, step:
 
 
 def context_row(model: GPT, context: int, args: argparse.Namespace, device: torch.device, copy: float) -> dict:
+    fresh_compile_state()
     total = context + args.steps + 1
     decoder = Decoder(model, total, max_context=total, compile=not args.eager)
     idx = torch.randint(0, args.vocab, (1, context), device=device)
