@@ -246,7 +246,9 @@ def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(m
                                          r"prefilling eagerly"):
         logits = decoder.prefill(prompt)
     assert not decoder.compile_prefill
-    torch.testing.assert_close(logits, Decoder(model, 10).prefill(prompt), rtol=0, atol=0)
+    # The fallback prefills at the width bucket (16), the plain decoder at the prompt's width (4):
+    # the same function, but matmuls of other shapes may round differently.
+    torch.testing.assert_close(logits, Decoder(model, 10).prefill(prompt), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
@@ -265,7 +267,8 @@ def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
     with pytest.warns(UserWarning, match=reason):
         logits = decoder.prefill(prompt)
     assert not decoder.compile_prefill
-    torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=0, atol=0)
+    # At the width bucket (32) against the prompt's width (20): equal up to rounding (seen: 3e-8).
+    torch.testing.assert_close(logits, Decoder(model, 30).prefill(prompt), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
