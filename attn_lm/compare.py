@@ -30,7 +30,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
-from itertools import groupby, product
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -148,7 +148,7 @@ def load_run(run_dir: Path) -> Run | FailedRun:
                config.get("seed"), flatten(config))
 
 
-def _parse(overrides: Sequence[str]) -> list:
+def parse_overrides(overrides: Sequence[str]) -> list:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     return OverridesParser.create().parse_overrides(list(overrides))
@@ -157,28 +157,29 @@ def _parse(overrides: Sequence[str]) -> list:
 def _canonical(overrides: Sequence[str]) -> frozenset:
     """A job's overrides as ``(key, value)`` pairs, so ``x=False`` (how Hydra saves a job's
     overrides) equals ``x=false`` (how it was typed)."""
-    return frozenset((o.get_key_element(), json.dumps(o.value(), sort_keys=True, default=str)) for o in _parse(overrides))
+    return frozenset((o.get_key_element(), json.dumps(o.value(), sort_keys=True, default=str))
+                     for o in parse_overrides(overrides))
+
+
+def sweep_jobs(params: Mapping[str, Any], overrides: Sequence[str]) -> list[list[str]]:
+    """The jobs of a basic-sweeper multirun in the order it runs them: the product of
+    ``hydra.sweeper.params`` and the command-line ``overrides`` (a key in both takes the command
+    line's values at the params' place), the last swept key varying fastest; ``hydra.*`` overrides
+    configure the sweep, not its jobs. Hydra's own code, so the order is the one the sweep follows."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = parse_overrides([f"{k}={v}" for k, v in params.items()] + list(overrides))
+    return BasicSweeper.split_arguments([o for o in parsed if not o.is_hydra_override()], None)[0]
 
 
 def _expected_jobs(multirun_yaml: Path) -> list[list[str]]:
-    """The jobs a basic-sweeper multirun was asked for: the product of its sweep overrides
-    (command line and ``hydra.sweeper.params``). Empty for other sweepers (e.g. Optuna)."""
+    """The jobs a basic-sweeper multirun was asked for (:func:`sweep_jobs` of its saved config).
+    Empty for other sweepers (e.g. Optuna)."""
     saved = OmegaConf.load(multirun_yaml)
     if not str(OmegaConf.select(saved, "hydra.sweeper._target_", default="")).endswith("BasicSweeper"):
         return []
     params = OmegaConf.select(saved, "hydra.sweeper.params", default=None) or {}
-    command_line = _parse([str(o) for o in saved.hydra.overrides.task])
-    given = {o.get_key_element() for o in command_line}
-    overrides = [_parse([f"{key}={value}"])[0] for key, value in params.items() if key not in given] + command_line
-    choices = [[f"{o.get_key_element()}={v}" for v in _sweep_values(o)] for o in overrides]
-    return [list(job) for job in product(*choices)]
-
-
-def _sweep_values(override: Any) -> list[str]:
-    """The values of one override: every value of a sweep (``a,b``), else its one value."""
-    if override.is_sweep_override():
-        return list(override.sweep_string_iterator())
-    return [override.get_value_element_as_str()]
+    return sweep_jobs(params, [str(o) for o in saved.hydra.overrides.task])
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[FailedRun]]:

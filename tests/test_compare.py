@@ -283,3 +283,52 @@ def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
         split_values(["x=y"], "seed")
     with pytest.raises(ValueError, match="twice"):
         split_values(["seed=1", "seed=2"], "seed")
+
+
+def test_sweep_over_gpus_packs_runs_and_plans_what_remains(tmp_path, token_cache, capsys):
+    """--per-gpu 2: two processes on one (pretend) GPU, each with its share; --plan then counts the
+    finished runs per cell, with their measured minutes, and the runs a new seed adds."""
+    from attn_lm.gpu_sweep import main
+
+    root = tmp_path / "sweep"
+    common = ["experiment=compare_attention", "debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000",
+              "trainer.enable_progress_bar=false", "trainer=cpu", f"hydra.sweep.dir={root}"]
+    cmd = [sys.executable, str(REPO / "scripts" / "sweep_gpus.py"), "--gpus", "0", "--per-gpu", "2", "--",
+           *common, "attention=full,local", "seed=1"]
+    packed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert packed.returncode == 0, packed.stdout[-3000:]
+    assert "[gpu 0.0] attention=full" in packed.stdout and "[gpu 0.1] attention=local" in packed.stdout
+    walls = {p.parent.name.split(",")[0]: json.loads(p.read_text())["wall_time_s"] for p in root.glob("*/results.json")}
+    assert set(walls) == {"attention=full", "attention=local"}
+
+    assert main(["--gpus", "0", "--per-gpu", "2", "--plan", "--run-minutes", "5", "--", *common,
+                 "seed=1,2", "attention=full,local,gqa"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"plan of {root}: 6 runs in 3 cells, in the order each process runs them"
+    full, local, gqa = lines[2:5]
+    assert full.split() == ["1/2", f"{walls['attention=full'] / 60:.2f}", "m", "[gpu", "0.0]", "attention=full"]
+    assert local.split()[:3] == ["1/2", f"{walls['attention=local'] / 60:.2f}", "m"] and "[gpu 0.1]" in local
+    assert gqa.split()[:3] == ["0/2", "5.00", "a"] and "[gpu 0.0]" in gqa  # dealt round-robin: full, gqa | local
+    busiest = walls["attention=full"] / 60 + 2 * 5  # gpu 0.0: full's seed 2 and both of gqa's
+    assert lines[5] == "done: 2 of 6 runs, 0 of 3 cells"
+    assert lines[6].startswith(f"left: 4 runs, {busiest + walls['attention=local'] / 60:.0f} run-minutes, "
+                               f"about {busiest:.0f} min of wall clock with 2 processes")
+
+
+def test_sweep_over_gpus_runs_whole_cells_and_refuses_packed_time_budgets(capsys):
+    """Every seed of a cell runs before the next cell, wherever the seed stood on the command line;
+    packing runs with a wall-clock budget onto one GPU is refused."""
+    from attn_lm.compare import sweep_jobs
+    from attn_lm.gpu_sweep import main, process_overrides, sweep_config
+
+    rest = ["seed=1,2,3", "experiment=compare_recall", "data.block_size=64,128"]
+    overrides = process_overrides(rest, "attention", ["full", "local"])
+    assert overrides[-2:] == ["attention=full,local", "seed=1,2,3"]
+    jobs = sweep_jobs(sweep_config(overrides).hydra.sweeper.params, overrides)
+    assert len(jobs) == 2 * 2 * 3 * 3  # mechanisms x lengths x widths x seeds
+    cells = [[o for o in job if not o.startswith("seed=")] for job in jobs]
+    assert all(cells[i] == cells[i + 1] == cells[i + 2] for i in range(0, len(jobs), 3))
+    assert [job[-1] for job in jobs[:3]] == ["seed=1", "seed=2", "seed=3"]
+    with pytest.raises(SystemExit) as refused:
+        main(["--gpus", "0", "--per-gpu", "2", "--", "experiment=compare_tinyshakespeare", "seed=1,2,3"])
+    assert refused.value.code == 2 and "wall-clock budget" in capsys.readouterr().err
