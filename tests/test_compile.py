@@ -64,6 +64,26 @@ def test_gpu_dispatch_is_forced_only_by_the_flag(monkeypatch):
     assert functional.gpu_dispatch(q)
 
 
+def test_heads_narrower_than_flex_kernels_take_the_dense_path(monkeypatch):
+    """FlexAttention's fused GPU kernel refuses heads under 16 wide (Inductor raised on a CUDA
+    decoder with 8-wide heads); such heads take the dense-bias SDPA path, with the same result."""
+    from attn_lm.attention.masks import SlidingWindowPattern
+
+    monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+    pattern = SlidingWindowPattern(window=3)
+    for width, flex_expected in ((functional.FLEX_MIN_HEAD_DIM - 8, False), (functional.FLEX_MIN_HEAD_DIM, True)):
+        q, k, v = torch.randn(3, 1, 2, 8, width).unbind(0)
+        pos = torch.arange(8)
+        called = []
+        monkeypatch.setattr(functional, "_flex_attention", lambda: lambda *a, **kw: called.append(1) or q)
+        out = functional.softmax_attention(q, k, v, pattern, pos, pos, contiguous_positions=True)
+        assert bool(called) == flex_expected
+        if not flex_expected:
+            monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", False)
+            torch.testing.assert_close(out, functional.softmax_attention(q, k, v, pattern, pos, pos))
+            monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+
+
 def test_pinned_backend_holds_on_the_gpu_branch(monkeypatch):
     """A pinned backend (the sdpa mechanism's option) is never reordered by the dispatch."""
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from .config import option
 from .factory import register
 from .fla_kernels import run_fla
+from .linear_scan import split_chunks
 from .retention import MatrixStateAttention
 
 
@@ -72,8 +73,8 @@ def chunked_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_alpha:
     B, H, T, D = k.shape
     C = min(chunk_size, T)
     pad = -T % C  # in front: beta = 0 and alpha = 1 leave the state as it is
-    qc, kc, vc = (F.pad(t, (0, 0, pad, 0)).unflatten(2, (-1, C)) for t in (q, k, v))  # [B, H, N, C, *]
-    bc, gc = (F.pad(t, (pad, 0)).unflatten(2, (-1, C)) for t in (beta, log_alpha))  # [B, H, N, C]
+    qc, kc, vc = (split_chunks(t, C, front=True) for t in (q, k, v))  # [B, H, N, C, *]
+    bc, gc = (split_chunks(t, C, front=True) for t in (beta, log_alpha))  # [B, H, N, C]
     b = gc.cumsum(dim=-1)
     i = torch.arange(C, device=q.device)
     # G_ij = prod_{t=j+1..i} alpha_t, 0 above the diagonal; e^(b_i - b_j) <= 1, so never overflows

@@ -106,6 +106,18 @@ def sdpa_backends(q: Tensor, pinned: Optional[Sequence[SDPBackend]] = None, mask
     return sdpa_kernel(list(GPU_MASKED_SDPA_PRIORITY if masked else GPU_SDPA_PRIORITY), set_priority=True)
 
 
+#: FlexAttention's fused (Triton) kernel needs heads at least this wide; Inductor refuses narrower
+#: ones ("embedding dimension ... must be at least 16") when it compiles the call on a GPU.
+FLEX_MIN_HEAD_DIM = 16
+
+
+def flex_dispatch(q: Tensor, v: Tensor) -> bool:
+    """Whether a contiguous masked call goes to FlexAttention: on the GPU branch, with heads its
+    fused kernel supports. Narrower heads take the dense-bias SDPA path, which computes the same
+    attention in O(T^2) memory; such toy widths are only ever small models."""
+    return gpu_dispatch(q) and min(q.shape[-1], v.shape[-1]) >= FLEX_MIN_HEAD_DIM
+
+
 _compiled_flex = None
 
 
@@ -155,7 +167,7 @@ def softmax_attention(
         with sdpa_backends(q, backends):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=pattern.causal,
                                                   enable_gqa=gqa)
-    if contiguous_positions and mask is None and gpu_dispatch(q):
+    if contiguous_positions and mask is None and flex_dispatch(q, v):
         if dropout_p > 0.0:
             _warn_flex_dropout()
         score_mod = alibi.score_mod() if alibi is not None else None

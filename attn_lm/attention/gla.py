@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .factory import register
 from .fla_kernels import run_fla
+from .linear_scan import split_chunks
 from .masks import MaskPattern, combine_custom_mask
 from .retention import MatrixStateAttention
 
@@ -48,7 +49,7 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk_size: 
     T = q.shape[2]
     C = min(chunk_size, T)
     pad = -T % C  # in front: zero keys add nothing and gate 1 (log 0) carries the state unchanged
-    qc, kc, vc, gc = (F.pad(t, (0, 0, pad, 0)).unflatten(2, (-1, C)) for t in (q, k, v, log_alpha))
+    qc, kc, vc, gc = (split_chunks(t, C, front=True) for t in (q, k, v, log_alpha))
     N = qc.shape[2]
     b = gc.cumsum(dim=3)  # [B, H, N, C, D]: log decay from the chunk start to each token
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()

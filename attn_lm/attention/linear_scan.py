@@ -38,6 +38,16 @@ def normalise(num: Tensor, den: Tensor) -> Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
 
 
+def split_chunks(x: Tensor, size: int, front: bool) -> Tensor:
+    """``x [B, H, T, ...]`` as ``[B, H, N, size, ...]``, zero-padded to ``N * size`` tokens in front
+    (``front``) or behind. A view when ``size`` divides ``T``: ``F.pad`` copies its input even with
+    nothing to pad, which held one more head-sized copy of every input at a chunked scan's peak."""
+    pad = -x.shape[2] % size
+    if pad:
+        x = F.pad(x, [0, 0] * (x.dim() - 3) + ([pad, 0] if front else [0, pad]))
+    return x.unflatten(2, (-1, size))
+
+
 def noncausal_linear_attention(qf: Tensor, kf: Tensor, v: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
     """Every query sees every key (plus the keys summarised in ``state``). Returns the output
     ``[B, H, T, D]`` and the state including these keys."""
@@ -54,9 +64,8 @@ def causal_linear_attention(qf: Tensor, kf: Tensor, v: Tensor, chunk_size: int,
     state after the last token."""
     B, H, T, _ = qf.shape
     C = min(chunk_size, T)
-    pad = -T % C
     # Zero key features add nothing to any sum; padded query rows are dropped below.
-    qc, kc, vc = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, C)) for t in (qf, kf, v))  # [B, H, N, C, *]
+    qc, kc, vc = (split_chunks(t, C, front=False) for t in (qf, kf, v))  # [B, H, N, C, *]
 
     causal = torch.ones(C, C, dtype=torch.bool, device=qf.device).tril()
     scores = (qc @ kc.transpose(-2, -1)).masked_fill(~causal, 0.0)  # [B, H, N, C, C]

@@ -42,6 +42,7 @@ from .config import option
 from .factory import register
 from .fla_kernels import KERNELS, run_fla, wants_fla
 from .functional import head_rms_norm
+from .linear_scan import split_chunks
 from .masks import MaskPattern, combine_custom_mask
 
 
@@ -65,7 +66,7 @@ def chunked_retention(q: Tensor, k: Tensor, v: Tensor, log_gamma: Tensor, chunk_
     T = q.shape[2]
     C = min(chunk_size, T)
     pad = -T % C  # in front: zero keys add nothing, and the last chunk ends at the last token
-    qc, kc, vc = (F.pad(t, (0, 0, pad, 0)).unflatten(2, (-1, C)) for t in (q, k, v))  # [B, H, N, C, *]
+    qc, kc, vc = (split_chunks(t, C, front=True) for t in (q, k, v))  # [B, H, N, C, *]
     N, i = qc.shape[2], torch.arange(C, device=q.device)
     inner = ((qc @ kc.transpose(-2, -1)) * decay_powers(log_gamma, i[:, None] - i)[:, None]) @ vc
     chunk_state = (kc * decay_powers(log_gamma, C - 1 - i)[:, None, :, None]).transpose(-2, -1) @ vc
