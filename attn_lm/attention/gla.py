@@ -81,7 +81,7 @@ class GatedLinearAttention(MatrixStateAttention):
 
     def head_copies(self, backward):
         # cumulative log gates, their exponentials and the gated queries/keys of every chunk
-        return 16 if backward else 8
+        return 12 if backward else 4
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """The family's model plus the per-channel decay weights between every pair of chunks,

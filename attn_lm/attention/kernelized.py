@@ -38,7 +38,8 @@ from ..cache import RecurrentStateCache
 from .base import Attention
 from .config import option
 from .factory import register
-from .linear_scan import causal_linear_attention, noncausal_linear_attention, quadratic_linear_attention
+from .linear_scan import (causal_linear_attention, noncausal_linear_attention, quadratic_linear_attention,
+                          upcast_copies)
 from .masks import MaskPattern, combine_custom_mask
 
 
@@ -78,21 +79,12 @@ class KernelizedAttention(Attention):
         features ``2 T F`` (:meth:`feature_copies` copies)."""
         T, C, F_, D = seq_len, self.chunk(seq_len), self.feature_dim, self.head_dim
         per_head = 2 * T * C + self.feature_copies(backward) * 2 * T * F_ + 2 * T / C * F_ * D
-        return batch * self.n_heads * (per_head + self.upcast_copies(elem, backward) * T * D) * max(elem, 4)
-
-    @staticmethod
-    def upcast_copies(elem: int, backward: bool) -> int:
-        """Head-sized float32 tensors that exist only because the inputs are narrower than
-        float32 (in float32 the casts of :meth:`features` return their inputs, which the layer's
-        model counts already, and the coefficients above were measured so): the float32 copies
-        of ``q, k, v``, saved by the feature maps and the scan's matmuls, and with backward their
-        float32 gradients, which accumulate over the whole scan's backward before each is cast
-        back to the input dtype."""
-        return 0 if elem >= 4 else 6 if backward else 3
+        return batch * self.n_heads * (per_head + upcast_copies(elem, backward) * T * D) * max(elem, 4)
 
     def feature_copies(self, backward: bool) -> int:
-        """Live copies of the features at the peak (default: the features and the map's input)."""
-        return 2
+        """Live copies of the features at the peak: the features (forward), and the map's input
+        that autograd keeps with them (backward); measured on CPU."""
+        return 2 if backward else 1
 
     def core_flops(self, batch, seq_len, backward):
         """Per head ``2 T C (F + D)`` (intra-chunk scores and values) + ``4 T F D`` (chunk states
@@ -238,7 +230,7 @@ class PerformerAttention(KernelizedAttention):
         return 4 * seq_len * self.head_dim * self.feature_dim  # the random projection of q and k
 
     def feature_copies(self, backward):
-        return 4 if backward else 2  # autograd keeps the exponent and its exp for both q and k (measured)
+        return 3 if backward else 1  # autograd keeps the exponent and its exp of q and k (measured)
 
     def draw_features(self) -> Tensor:
         """``[m, d]`` orthogonal Gaussian rows (blocks of ``d``) with ``chi(d)`` norms."""
@@ -293,6 +285,9 @@ class CosFormerAttention(KernelizedAttention):
     @property
     def feature_dim(self) -> int:
         return 2 * self.head_dim
+
+    def feature_copies(self, backward):
+        return 1  # with backward too (measured on CPU): the map's input kept by autograd, relu(x), is half as wide
 
     def check_length(self, end: int) -> None:
         M = self.dims.max_seq_len

@@ -38,6 +38,15 @@ def normalise(num: Tensor, den: Tensor) -> Tensor:
     return num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)
 
 
+def upcast_copies(elem: int, backward: bool) -> int:
+    """Head-sized float32 tensors that a scan computing in float32 holds only because its inputs
+    are narrower (in float32 the casts return their inputs, which the layer's model counts
+    already, and the families' coefficients were measured so): the float32 copies of ``q, k, v``,
+    saved by the feature maps or decays and the scan's matmuls, and with backward their float32
+    gradients, which accumulate over the whole scan's backward before each is cast back."""
+    return 0 if elem >= 4 else 6 if backward else 3
+
+
 def split_chunks(x: Tensor, size: int, front: bool) -> Tensor:
     """``x [B, H, T, ...]`` as ``[B, H, N, size, ...]``, zero-padded to ``N * size`` tokens in front
     (``front``) or behind. A view when ``size`` divides ``T``: ``F.pad`` copies its input even with

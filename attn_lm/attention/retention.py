@@ -42,7 +42,7 @@ from .config import option
 from .factory import register
 from .fla_kernels import KERNELS, run_fla, wants_fla
 from .functional import head_rms_norm
-from .linear_scan import split_chunks
+from .linear_scan import split_chunks, upcast_copies
 from .masks import MaskPattern, combine_custom_mask
 
 
@@ -125,16 +125,18 @@ class MatrixStateAttention(Attention):
         self.norm_weight = nn.Parameter(torch.ones(self.head_dim))
 
     def head_copies(self, backward: bool) -> int:
-        """Head-sized (``T x D``) float32 tensors live at the peak of a step: the copies of
-        ``q, k, v`` and the mechanism's decays (measured on CPU)."""
-        return 3
+        """Head-sized (``T x D``) float32 tensors live at the peak of a step in float32: the
+        scaled keys and the decayed queries and keys of each chunk (measured on CPU)."""
+        return 2
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """Per head, in at least float32: chunk scores ``T C`` and the states of and before each
         chunk ``2 (T / C) D^2`` (1.5 copies each at the peak, measured) and
-        :meth:`head_copies` head-sized tensors."""
+        :meth:`head_copies` head-sized tensors, plus the float32 copies of narrower inputs
+        (:func:`.linear_scan.upcast_copies`)."""
         T, C, D = seq_len, min(self.options.chunk_size, seq_len), self.head_dim
-        per_head = 1.5 * (T * C + 2 * T / C * D * D) + self.head_copies(backward) * T * D
+        copies = self.head_copies(backward) + upcast_copies(elem, backward)
+        per_head = 1.5 * (T * C + 2 * T / C * D * D) + copies * T * D
         return batch * self.n_heads * per_head * max(elem, 4)
 
     def core_flops(self, batch, seq_len, backward):
