@@ -197,3 +197,19 @@ def test_option_validation():
         build("performer", redraw_interval=-1)
     with pytest.raises(ValueError, match="num_features.*does not apply"):
         build("linear", num_features=8)
+
+
+def test_split_chunks_is_a_view_unless_it_must_pad():
+    """Chunks are a view of the input when the chunk divides T (a padded copy of every input once
+    sat at the scans' memory peak); otherwise zeros go in front or behind, as asked."""
+    from attn_lm.attention.linear_scan import split_chunks
+
+    x = torch.randn(2, 3, 8, 5)
+    chunks = split_chunks(x, 4, front=True)
+    assert chunks.shape == (2, 3, 2, 4, 5) and chunks.data_ptr() == x.data_ptr()
+    for front in (True, False):
+        padded = split_chunks(x[:, :, :7], 4, front=front).flatten(2, 3)
+        zero_row, data = (padded[:, :, :1], padded[:, :, 1:]) if front else (padded[:, :, 7:], padded[:, :, :7])
+        assert not zero_row.any() and torch.equal(data, x[:, :, :7])
+    gates = split_chunks(torch.ones(2, 3, 7), 4, front=True)  # [B, H, T] inputs (deltanet's beta)
+    assert gates.shape == (2, 3, 2, 4) and gates[:, :, 0, 0].eq(0).all() and gates.sum() == 2 * 3 * 7
