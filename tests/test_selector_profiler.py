@@ -224,3 +224,16 @@ def test_a_long_context_selection_under_a_budget_keeps_the_sparse_patterns():
     selector.select_for_scenario("long_context", seq_len=8192, memory_constraint=500)
     chosen = selector.last.chosen
     assert chosen.tier == 0 and chosen.family == AttentionFactory.get_class(FAMILIES["sparse"]).family
+
+
+def test_heads_too_narrow_for_flex_are_charged_the_dense_path_on_gpu():
+    """Heads narrower than FlexAttention takes run a sparse pattern through the dense bias on the
+    GPU too (functional.flex_dispatch), and the memory model says so."""
+    T, checked = 1024, []
+    for name in SELF_ATTENTION:
+        narrow, wide = build_layer(name, 32, 4, T), build_layer(name, 128, 4, T)  # 8- and 32-wide heads
+        if narrow.exact and not narrow.quadratic:  # the sparse patterns
+            assert narrow.core_bytes(1, T, 2, True, fused=True) == narrow.core_bytes(1, T, 2, True, fused=False)
+            assert wide.core_bytes(1, T, 2, True, fused=True) < wide.core_bytes(1, T, 2, True, fused=False)
+            checked.append(name)
+    assert checked

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..cache import KVCache, LayerCache
 from ..positions import ALiBi, Rotary
 from .config import AttentionConfig, AttentionDims, NoOptions
-from .functional import reference_attention, softmax_attention
+from .functional import FLEX_MIN_HEAD_DIM, reference_attention, softmax_attention
 from .masks import MaskPattern, combine_custom_mask, validate_custom_mask
 
 
@@ -339,8 +339,11 @@ class SoftmaxAttention(Attention):
         materialise the scores (the default model).
 
         GPU (:meth:`fused_core_bytes`): what the fused kernels hold besides ``q, k, v``, the
-        output and the gradients that the layer's model counts."""
-        if fused:
+        output and the gradients that the layer's model counts. A call that would go to
+        FlexAttention (a pattern or ALiBi) with heads narrower than it takes runs the dense bias on
+        the GPU too (:func:`~attn_lm.attention.functional.flex_dispatch`), so it is charged so."""
+        flex = not self.pattern.is_full or self.alibi is not None
+        if fused and not (flex and min(self.score_dim, self.head_dim) < FLEX_MIN_HEAD_DIM):
             return self.fused_core_bytes(batch, seq_len, elem, backward)
         if self.uneven_heads:
             return super().core_bytes(batch, seq_len, elem, backward, fused)
