@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..cache import KVCache, LayerCache
 from ..positions import ALiBi, Rotary
 from .config import AttentionConfig, AttentionDims, NoOptions
-from .functional import FLEX_MIN_HEAD_DIM, reference_attention, softmax_attention
+from .functional import flex_supports, reference_attention, softmax_attention
 from .masks import MaskPattern, combine_custom_mask, validate_custom_mask
 
 
@@ -342,8 +342,8 @@ class SoftmaxAttention(Attention):
         output and the gradients that the layer's model counts. A call that would go to
         FlexAttention (a pattern or ALiBi) with heads narrower than it takes runs the dense bias on
         the GPU too (:func:`~attn_lm.attention.functional.flex_dispatch`), so it is charged so."""
-        flex = not self.pattern.is_full or self.alibi is not None
-        if fused and not (flex and min(self.score_dim, self.head_dim) < FLEX_MIN_HEAD_DIM):
+        wants_flex = not self.pattern.is_full or self.alibi is not None
+        if fused and (not wants_flex or flex_supports(self.score_dim, self.head_dim)):
             return self.fused_core_bytes(batch, seq_len, elem, backward)
         if self.uneven_heads:
             return super().core_bytes(batch, seq_len, elem, backward, fused)

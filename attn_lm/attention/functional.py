@@ -111,11 +111,17 @@ def sdpa_backends(q: Tensor, pinned: Optional[Sequence[SDPBackend]] = None, mask
 FLEX_MIN_HEAD_DIM = 16
 
 
+def flex_supports(score_dim: int, value_dim: int) -> bool:
+    """Whether FlexAttention's fused kernel takes query/key heads ``score_dim`` and value heads
+    ``value_dim`` wide (shared by the dispatch and the memory model)."""
+    return min(score_dim, value_dim) >= FLEX_MIN_HEAD_DIM
+
+
 def flex_dispatch(q: Tensor, v: Tensor) -> bool:
     """Whether a contiguous masked call goes to FlexAttention: on the GPU branch, with heads its
     fused kernel supports. Narrower heads take the dense-bias SDPA path, which computes the same
     attention in O(T^2) memory; such toy widths are only ever small models."""
-    return gpu_dispatch(q) and min(q.shape[-1], v.shape[-1]) >= FLEX_MIN_HEAD_DIM
+    return gpu_dispatch(q) and flex_supports(q.shape[-1], v.shape[-1])
 
 
 _compiled_flex = None
