@@ -214,7 +214,7 @@ class KernelWarmup(L.Callback):
             pl_module.train()
             x, y = self._batch(self.train_shape, device)
             with trainer.precision_plugin.train_step_context():
-                _, loss = pl_module(x, y)
+                _, loss = pl_module(x, y, return_logits=False)  # the training step's graph
             loss.backward()
             pl_module.zero_grad(set_to_none=True)
             pl_module.eval()

@@ -77,19 +77,21 @@ class LitGPT(L.LightningModule):
             # Kept out of the module tree (no duplicate parameters in checkpoints).
             object.__setattr__(self, "_compiled", compile_for_training(self.model, self.compile_mode))
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, return_logits: bool = True):
+        """The model's forward (compiled when ``compile`` is on); training passes
+        ``return_logits=False`` for the fused head and loss (:mod:`attn_lm.loss`)."""
         if self._compiled is None:
-            return self.model(idx, targets)
+            return self.model(idx, targets, return_logits=return_logits)
         if self.compile_mode == "reduce-overhead":
             # Each call replays the graph into the same output buffers: declare a new step, so
             # CUDA graph trees never wait for the previous step's outputs to die.
             torch.compiler.cudagraph_mark_step_begin()
-        return self._compiled(idx, targets)
+        return self._compiled(idx, targets, return_logits=return_logits)
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self(x, y)
+        _, loss = self(x, y, return_logits=False)
         self._book_nonfinite(torch.isfinite(loss.detach()))
         # Not self.log: Lightning reads logged values from the device (after every batch for the
         # progress bar, every log interval for the loggers), and each read makes the GPU wait

@@ -16,6 +16,7 @@ from .cache import LayerCache
 from .config import AttentionConfig, AttentionDims, GPTConfig
 from .positions import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 from .decoding import Decoder
+from .loss import linear_cross_entropy
 
 
 class MLP(nn.Module):
@@ -75,7 +76,9 @@ class GPT(nn.Module):
     """Decoder-only language model.
 
     ``model(idx)`` -> logits ``[B, T, V]``; ``model(idx, targets)`` -> ``(logits, loss)`` with
-    ``targets == -1`` ignored. ``caches`` (from :meth:`new_caches`) run incremental decoding:
+    ``targets == -1`` ignored; ``model(idx, targets, return_logits=False)`` -> ``(None, loss)``
+    through the fused head and loss of :mod:`attn_lm.loss` (what training uses: the logits are
+    never materialised). ``caches`` (from :meth:`new_caches`) run incremental decoding:
     ``model(prompt, caches=caches, lengths=lengths)`` prefills positions ``0 .. T-1`` (``lengths``:
     real tokens per row of a right-padded batch), then ``model(token, caches=caches,
     input_pos=pos)`` is one step at the explicit positions ``pos`` (``[T]`` or per row ``[B, T]``).
@@ -151,7 +154,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 caches: Optional[Sequence[LayerCache]] = None, input_pos: Optional[Tensor] = None,
-                lengths: Optional[Tensor] = None):
+                lengths: Optional[Tensor] = None, return_logits: bool = True):
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape [B, T], got {tuple(idx.shape)}")
         T = idx.shape[1]
@@ -168,12 +171,16 @@ class GPT(nn.Module):
             context = stream if block.attn.uses_context else None
             x = block(x, context=context, mask=mask, cache=caches[i] if caches else None, input_pos=input_pos,
                       lengths=lengths)
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
+        if targets is not None and not return_logits:
+            # Training: the head and the loss fused a chunk of rows at a time, gradients taken in
+            # the forward, so the [B*T, V] logits and their gradient never exist (attn_lm.loss).
+            return None, linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        logits = self.lm_head(x)
         if targets is None:
             return logits
         # The fp32 upcast is for the log-softmax's accuracy. Compiled, it is fused into the loss
-        # kernel and no fp32 [B*T, V] tensor is ever stored (this is why the model must compile as
-        # one graph: a break before the loss leaves it to eager kernels and fp32 copies).
+        # kernel and no fp32 [B*T, V] tensor is ever stored.
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         return logits, loss
 

@@ -135,14 +135,19 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> floa
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, targets: Tensor,
-               amp_dtype: Optional[torch.dtype], clip: Optional[float] = None) -> Callable[[], None]:
+               amp_dtype: Optional[torch.dtype], clip: Optional[float] = None,
+               forward_kwargs: Optional[dict[str, Any]] = None) -> Callable[[], None]:
+    """One training step of ``model`` on ``idx, targets`` as a closure; ``forward_kwargs`` go to
+    the model's forward (the library's model trains with ``return_logits=False``, as
+    ``LitGPT.training_step`` does)."""
+    forward_kwargs = forward_kwargs or {}
     device_type = idx.device.type
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def step() -> None:
         torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graph trees (else a no-op)
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            _, loss = model(idx, targets)
+            _, loss = model(idx, targets, **forward_kwargs)
         loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
@@ -179,7 +184,8 @@ def measure(model: nn.Module, flops_per_token: float, args, peak_tflops: float, 
         batch = tuple(torch.randint(vocab_size, (args.batch_size, args.seq_len), device=device, generator=gen)
                       for _ in range(2))
     step = train_step(runner, optimizer, *(t.to(device) for t in batch),
-                      common.DTYPES[args.dtype] if args.dtype != "fp32" else None, clip)
+                      common.DTYPES[args.dtype] if args.dtype != "fp32" else None, clip,
+                      {"return_logits": False} if isinstance(model, GPT) else None)
     for _ in range(args.warmup_steps):
         step()
     common.reset_peak_memory(device)

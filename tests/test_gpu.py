@@ -7,7 +7,7 @@ import torch
 
 from attn_lm import AttentionFactory
 
-from .test_compile import positions_for, training_graph_report
+from .test_compile import training_graph_report
 
 pytestmark = pytest.mark.gpu
 
@@ -16,14 +16,12 @@ pytestmark = pytest.mark.gpu
 def test_training_forward_is_one_graph_on_cuda(name):
     """The CPU test's claim on real CUDA tensors, with autograd on (FlexAttention has a backward
     here): zero graph breaks, unless the mechanism declares why it cannot be traced."""
-    cls = AttentionFactory.get_class(name)
-    for position in positions_for(name):
-        model, report = training_graph_report(name, position, device="cuda")
-        if cls.compile_unsupported:
-            assert name in model.untraceable
-            continue
-        reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
-        assert report.graph_count == 1 and report.graph_break_count == 0, (position, reasons)
+    model, report = training_graph_report(name, device="cuda")
+    if AttentionFactory.get_class(name).compile_unsupported:
+        assert name in model.untraceable
+        return
+    reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
+    assert report.graph_count == 1 and report.graph_break_count == 0, reasons
 
 
 @pytest.mark.parametrize("name", ["full", "local", "linear"])
@@ -42,7 +40,7 @@ def test_compiled_fullgraph_step_equals_eager(name):
     losses, grads = [], []
     for fn in (model, compiled):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = fn(idx, targets)
+            _, loss = fn(idx, targets, return_logits=False)
         loss.backward()
         losses.append(loss.detach().float())
         grads.append(model.lm_head.weight.grad.detach().clone())
@@ -70,7 +68,7 @@ def test_cuda_graph_steps_equal_plain_compiled_steps():
         losses[mode] = []
         for idx, targets in batches:
             torch.compiler.cudagraph_mark_step_begin()
-            _, loss = compiled(idx, targets)
+            _, loss = compiled(idx, targets, return_logits=False)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -218,8 +218,8 @@ def _poison_loss_at(monkeypatch, step: int):
 
     original = LitGPT.forward
 
-    def forward(self, idx, targets=None):
-        out = original(self, idx, targets)
+    def forward(self, idx, targets=None, return_logits=True):
+        out = original(self, idx, targets, return_logits)
         if targets is not None and self.training and self.global_step == step:
             logits, loss = out
             return logits, loss * float("nan")
