@@ -114,6 +114,17 @@ def peak_step_memory_mb(step: Callable[[], None], device: torch.device) -> tuple
     return peak / 2**20, "cpu_profiler_allocations"
 
 
+def _layer_and_input(attention_type: str, batch_size: int, seq_len: int, d_model: int, n_heads: int,
+                     dtype: torch.dtype, device: torch.device, backward: bool, seed: int, options: dict[str, Any]):
+    """The layer a profile measures (in training mode when it runs backward), its input ``x`` and
+    its context (for layers that read one), from ``seed``."""
+    torch.manual_seed(seed)
+    layer = build_layer(attention_type, d_model, n_heads, seq_len, **options).to(device=device, dtype=dtype)
+    layer.train(backward)
+    x = torch.randn(batch_size, seq_len, d_model, device=device, dtype=dtype, requires_grad=backward)
+    return layer, x, torch.randn_like(x) if layer.uses_context else None
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -153,12 +164,8 @@ class AttentionProfiler:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
         device = resolve_device(device)
         warmup = max(2, num_iterations // 10) if warmup is None else warmup
-        torch.manual_seed(seed)
-        layer = build_layer(attention_type, d_model, n_heads, seq_len, **options).to(device=device, dtype=dtype)
-        layer.train(backward)
-        x = torch.randn(batch_size, seq_len, d_model, device=device, dtype=dtype, requires_grad=backward)
-        context = torch.randn_like(x) if layer.uses_context else None
-
+        layer, x, context = _layer_and_input(attention_type, batch_size, seq_len, d_model, n_heads, dtype, device,
+                                             backward, seed, options)
         forward = LayerStep(layer, x, context, backward=False)
         workloads = {"forward": forward}
         if backward:
@@ -193,3 +200,14 @@ class AttentionProfiler:
             "tokens_per_s": batch_size * seq_len / (latency / 1000.0),
             "parameters": sum(p.numel() for p in layer.parameters()),
         }
+
+    @staticmethod
+    def measure_memory(attention_type: str, batch_size: int, seq_len: int, d_model: int, n_heads: int,
+                       dtype: torch.dtype = torch.float32, device: Optional[torch.device | str] = None,
+                       backward: bool = True, seed: int = 0, **options: Any) -> float:
+        """The ``memory_mb`` of :meth:`profile_attention` (same layer, input and measurement) without
+        its timed iterations: one measured step, for checks that need only the peak."""
+        device = resolve_device(device)
+        layer, x, context = _layer_and_input(attention_type, batch_size, seq_len, d_model, n_heads, dtype, device,
+                                             backward, seed, options)
+        return peak_step_memory_mb(LayerStep(layer, x, context, backward), device)[0]

@@ -57,6 +57,15 @@ def test_profiler_memory_is_measured_not_guessed():
     assert 3.0 < long / short < 5.0
 
 
+@pytest.mark.parametrize("backward", [True, False])
+def test_memory_only_measurement_is_the_profiles(backward):
+    """``measure_memory`` (the peak alone, for the memory-model checks) measures the step that
+    ``profile_attention`` reports: same layer, input and memory."""
+    options = dict(seq_len=256, batch_size=2, d_model=32, n_heads=4, backward=backward)
+    profiled = AttentionProfiler.profile_attention("local", num_iterations=1, warmup=0, **options)["memory_mb"]
+    assert AttentionProfiler.measure_memory("local", **options) == pytest.approx(profiled, rel=0.01)
+
+
 def test_profiler_errors():
     with pytest.raises(ValueError, match="unknown attention_type"):
         AttentionProfiler.profile_attention("nope", num_iterations=1, **TINY)
@@ -134,8 +143,8 @@ def test_each_familys_memory_model_matches_cpu_measurements(name, one_thread):
     for T in lengths:
         layer = build_layer(name, d, H, T)
         for backward in (True, False):
-            measured = AttentionProfiler.profile_attention(name, batch_size=B, seq_len=T, d_model=d, n_heads=H,
-                                                           num_iterations=1, warmup=0, backward=backward)["memory_mb"]
+            measured = AttentionProfiler.measure_memory(name, batch_size=B, seq_len=T, d_model=d, n_heads=H,
+                                                        backward=backward)
             model = analytic_memory_bytes(layer, B, T, torch.float32, backward, fused=False) / 2**20
             assert 0.75 <= model / measured <= 1.25, (name, T, backward, model, measured)
 
