@@ -2,8 +2,8 @@
 
 Graph breaks are invisible in a loss curve but not in the speed: a break in the attention
 dispatch once left the whole loss (with its fp32 logits) and most of the model to eager kernels,
-at 0.77x the nanoGPT reference. These tests trace ``GPT.forward(idx, targets)`` (training mode,
-loss included, bf16 autocast) with ``torch._dynamo.explain`` through the dispatch's GPU branch:
+at 0.77x the nanoGPT reference. These tests trace ``GPT.forward(idx, targets, return_logits=False)``
+(training mode, fused head and loss included, bf16 autocast) with ``torch._dynamo.explain`` through the dispatch's GPU branch:
 ``functional.FORCE_GPU_DISPATCH`` sends CPU tensors down the code the GPU takes (cuDNN-first
 SDPA priority, FlexAttention BlockMasks and score_mods), so a CPU-only CI sees a GPU-only break.
 A mechanism that cannot be one graph says why in ``compile_unsupported`` and is listed in
@@ -20,41 +20,41 @@ from attn_lm.attention import functional
 NAMES = AttentionFactory.names()
 
 
-def positions_for(name: str) -> list[str]:
-    """Learned positions, RoPE, and ALiBi where the mechanism takes it (a FlexAttention score_mod
-    on GPU)."""
+def layer_positions(name: str) -> list[str]:
+    """A layer for each position path of the dispatch: none (the model's learned positions), RoPE,
+    and ALiBi where the mechanism takes it (a FlexAttention score_mod on GPU)."""
     cls = AttentionFactory.get_class(name)
-    return ["learned", "rope"] + ([] if cls.alibi_unsupported else ["alibi"])
+    return ["none", "rope"] + ([] if cls.alibi_unsupported else ["alibi"])
 
 
-def training_graph_report(name: str, position: str, device: str = "cpu"):
-    """``torch._dynamo.explain`` of a small GPT's training forward with loss."""
+def training_graph_report(name: str, device: str = "cpu"):
+    """``torch._dynamo.explain`` of the training forward with loss of a small GPT with learned
+    positions whose layers take every position path of ``name`` (one trace covers them all)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = AttentionConfig(attention_type=name, **({} if position == "learned" else {"position": position}))
-    config = GPTConfig(vocab_size=97, context_len=64, n_layer=2, d_model=64, n_heads=4,
-                       position="learned" if position == "learned" else "none", attention=layer)
+    layers = [AttentionConfig(attention_type=name, position=position) for position in layer_positions(name)]
+    config = GPTConfig(vocab_size=97, context_len=64, n_layer=len(layers), d_model=64, n_heads=4,
+                       position="learned", attention=layers)
     model = GPT(config).to(device).train()
     idx, targets = (torch.randint(97, (2, 64), device=device) for _ in range(2))
     with torch.autocast(device, dtype=torch.bfloat16):
-        return model, torch._dynamo.explain(model)(idx, targets)
+        return model, torch._dynamo.explain(model)(idx, targets, return_logits=False)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_forward_is_one_graph_on_the_gpu_dispatch_path(name, monkeypatch):
     monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
     cls = AttentionFactory.get_class(name)
-    for position in positions_for(name):
-        # no_grad: FlexAttention has no backward on CPU. Graph breaks are a property of the
-        # forward trace (autograd is traced later, from the graph), so the count is the same.
-        with torch.no_grad():
-            model, report = training_graph_report(name, position)
-        if cls.compile_unsupported:
-            assert name in model.untraceable and report.graph_break_count > 0
-            continue
-        reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
-        assert report.graph_count == 1 and report.graph_break_count == 0, (position, reasons)
-        assert not model.untraceable
+    # no_grad: FlexAttention has no backward on CPU. Graph breaks are a property of the forward
+    # trace (autograd is traced later, from the graph), so the count is the same.
+    with torch.no_grad():
+        model, report = training_graph_report(name)
+    if cls.compile_unsupported:
+        assert name in model.untraceable and report.graph_break_count > 0
+        return
+    reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
+    assert report.graph_count == 1 and report.graph_break_count == 0, reasons
+    assert not model.untraceable
 
 
 def test_gpu_dispatch_is_forced_only_by_the_flag(monkeypatch):
