@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Under pytest-xdist the workers share the machine's cores: each worker, and each process a test
+# starts, gets its share of threads (set before torch is imported), instead of every one of them
+# running as many threads as there are cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
-from attn_lm.budgets import register_resolvers
+import pytest  # noqa: E402
+
+from attn_lm.budgets import register_resolvers  # noqa: E402
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

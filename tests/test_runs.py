@@ -3,6 +3,7 @@ directories that cannot be corrupted, checkpoints that are enough to evaluate an
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickletools
 import re
@@ -247,8 +248,11 @@ def test_cpu_peak_memory_is_each_runs_own():
     from attn_lm.devices import peak_memory_mb, reset_peak_memory
 
     cpu = torch.device("cpu")
-    big = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB resident
-    del big
+    # 64 MiB made resident, then returned to the system. An anonymous map, not a tensor: a
+    # long-lived test worker's allocator may serve a tensor from memory that is resident already.
+    big = mmap.mmap(-1, 64 * 2**20)
+    big.write(b"x" * len(big))
+    big.close()
     before, kind = peak_memory_mb(cpu)
     reset_peak_memory(cpu)
     after, _ = peak_memory_mb(cpu)
