@@ -22,6 +22,56 @@ def run_script(name: str, *args: str) -> str:
     return result.stdout
 
 
+def run_main(name: str, *args: str, capsys, monkeypatch) -> subprocess.CompletedProcess:
+    """``python scripts/<name> ARGS`` in this process (starting a process that imports torch and
+    attn_lm is most of a small run's time): the script's ``main`` with ``sys.argv`` as the command
+    line, its exit status as the interpreter would make it of a ``SystemExit`` (a message: printed
+    to stderr, status 1), its stdout and stderr. The process-wide settings the scripts change
+    (matmul precision, Dynamo's recompile limits, threads) are put back after the test and what
+    they compiled is dropped; each script keeps at least one test that runs it as a real process
+    (run_script)."""
+    import importlib.util
+
+    import torch._dynamo.config as dynamo_config
+
+    precision, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    for option in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                   "accumulated_cache_size_limit"):
+        if hasattr(dynamo_config, option):
+            monkeypatch.setattr(dynamo_config, option, getattr(dynamo_config, option))
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the scripts import _bench_common as a top-level module
+    monkeypatch.setattr(sys, "argv", [str(SCRIPTS / name), *args])
+    # Fresh modules, in sys.modules for this test only (dataclasses look their module up there):
+    # _bench_common binds sys.stdout, this test's captured one, when it is imported.
+    for module_name, file in (("_bench_common", "_bench_common.py"), (f"_script_{Path(name).stem}", name)):
+        spec = importlib.util.spec_from_file_location(module_name, SCRIPTS / file)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, module_name, module)
+        spec.loader.exec_module(module)
+    capsys.readouterr()
+    code, message = 0, ""
+    try:
+        module.main()
+    except SystemExit as done:
+        if isinstance(done.code, str):
+            code, message = 1, done.code + "\n"
+        else:
+            code = done.code or 0
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()  # what the script compiled (its models' graphs) goes with it
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, out, err + message)
+
+
+def run_in_process(name: str, *args: str, capsys, monkeypatch) -> str:
+    """:func:`run_main` of a run that must succeed (exit status 0): its stdout."""
+    result = run_main(name, *args, capsys=capsys, monkeypatch=monkeypatch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def table_rows(stdout: str) -> list[list[str]]:
     """Cells of the markdown table rows (header and separator excluded)."""
     lines = [line for line in stdout.splitlines() if line.startswith("|")]
@@ -50,26 +100,27 @@ def test_bench_attention_tiny(tmp_path):
     assert {rec["B"] for rec in records} == {4, 2}  # B = 256 // (2 heads * T)
 
 
-def test_bench_attention_times_every_registered_mechanism(tmp_path):
+def test_bench_attention_times_every_registered_mechanism(tmp_path, capsys, monkeypatch):
     """Every mechanism's attention core runs forward and backward on the inputs the benchmark
     makes for it (its own projection where ``attend`` needs one: gates, a latent row) and matches
     its reference: no row may end in an error note."""
     from attn_lm import AttentionFactory
 
     out = tmp_path / "attn.jsonl"
-    run_script("bench_attention.py", "--seq-lens", "32", "--head-dims", "16", "--heads", "4", "--tokens-heads", "128",
-               "--check-len", "32", "--baselines", "naive", "--modes", "fwd+bwd", "--compile", "none",
-               "--target-ms", "1", "--out", str(out))
+    run_in_process("bench_attention.py", "--seq-lens", "32", "--head-dims", "16", "--heads", "4", "--tokens-heads",
+                   "128", "--check-len", "32", "--baselines", "naive", "--modes", "fwd+bwd", "--compile", "none",
+                   "--target-ms", "1", "--out", str(out), capsys=capsys, monkeypatch=monkeypatch)
     records = {rec["name"]: rec for rec in map(json.loads, out.read_text().splitlines()) if rec["kind"] == "mechanism"}
     assert set(records) == set(AttentionFactory.names())
     for name, rec in records.items():
         assert rec["note"] is None and rec.get("ms", 0) > 0 and rec["rel_err"] < 1e-4, (name, rec)
 
 
-def test_bench_attention_skips_after_slow_call(tmp_path):
-    stdout = run_script(
+def test_bench_attention_skips_after_slow_call(capsys, monkeypatch):
+    stdout = run_in_process(
         "bench_attention.py", "--mechanisms", "full", "--seq-lens", "16,32", "--head-dims", "8", "--heads", "2",
         "--check-len", "16", "--baselines", "naive", "--modes", "fwd", "--max-call-ms", "0",
+        capsys=capsys, monkeypatch=monkeypatch,
     )
     notes = {(row[0], row[1]): row[-1] for row in table_rows(stdout)}
     assert notes[("full", "16")].startswith("1 call >")
@@ -79,7 +130,7 @@ def test_bench_attention_skips_after_slow_call(tmp_path):
 MEMORY_CHECK = ["--check-memory-model", "--head-dims", "8", "--heads", "4", "--tokens-heads", "256"]
 
 
-def test_bench_attention_checks_every_memory_model(tmp_path):
+def test_bench_attention_checks_every_memory_model(tmp_path, capsys, monkeypatch):
     """--check-memory-model on tiny CPU shapes (too small for the models to hold; the 1k-16k bound
     is tests/test_selector_profiler.py's): one row per registered mechanism, length and mode with
     the layer's modelled and measured peak and their ratio, the core's pair, and a summary; with a
@@ -87,8 +138,8 @@ def test_bench_attention_checks_every_memory_model(tmp_path):
     from attn_lm import AttentionFactory
 
     out = tmp_path / "memory.jsonl"
-    stdout = run_script("bench_attention.py", *MEMORY_CHECK, "--seq-lens", "32,64", "--tolerance", "1e9",
-                        "--out", str(out))
+    stdout = run_in_process("bench_attention.py", *MEMORY_CHECK, "--seq-lens", "32,64", "--tolerance", "1e9",
+                            "--out", str(out), capsys=capsys, monkeypatch=monkeypatch)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     cells = {(rec["name"], rec["T"], rec["mode"]) for rec in records}
     assert len(records) == len(cells) == len(AttentionFactory.names()) * 2 * 2
@@ -101,16 +152,16 @@ def test_bench_attention_checks_every_memory_model(tmp_path):
     assert len(table_rows(stdout)) == len(records)
 
 
-def test_bench_attention_memory_check_fails_outside_the_tolerance_and_skips_slow_cells():
+def test_bench_attention_memory_check_fails_outside_the_tolerance_and_skips_slow_cells(capsys, monkeypatch):
     """A cell outside --tolerance is flagged and listed, and the exit status is 1; a cell predicted
     slower than --max-call-ms is skipped with the reason and does not fail the check."""
-    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_attention.py"), *MEMORY_CHECK, "--mechanisms",
-                             "full,linear", "--seq-lens", "32", "--tolerance", "0"],
-                            capture_output=True, text=True, env=ENV, timeout=300)
+    result = run_main("bench_attention.py", *MEMORY_CHECK, "--mechanisms", "full,linear", "--seq-lens", "32",
+                      "--tolerance", "0", capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "OUTSIDE +-0%" in result.stdout and "- outside: full T=32 D=8 fwd: model" in result.stdout
-    stdout = run_script("bench_attention.py", *MEMORY_CHECK, "--mechanisms", "linear", "--seq-lens", "16,32",
-                        "--modes", "fwd", "--max-call-ms", "0", "--tolerance", "1e9")
+    stdout = run_in_process("bench_attention.py", *MEMORY_CHECK, "--mechanisms", "linear", "--seq-lens", "16,32",
+                            "--modes", "fwd", "--max-call-ms", "0", "--tolerance", "1e9",
+                            capsys=capsys, monkeypatch=monkeypatch)
     notes = {row[2]: row[-1] for row in table_rows(stdout)}
     assert notes["16"] == "-" and notes["32"].startswith("skipped (~")
     assert "1 cells within" in stdout and "1 skipped" in stdout and "- skipped: linear T=32 D=8 fwd: skipped" in stdout
@@ -134,19 +185,19 @@ def test_bench_train_tiny(tmp_path):
     assert "- ok: full tokens/s" in stdout
 
 
-def test_bench_train_guard_fails_below_the_ratio():
-    result = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), "--nanogpt-baseline", *TINY_TRAIN,
-                             "--min-ratio", "1000"], capture_output=True, text=True, env=ENV, timeout=300)
+def test_bench_train_guard_fails_below_the_ratio(capsys, monkeypatch):
+    result = run_main("bench_train.py", "--nanogpt-baseline", *TINY_TRAIN, "--min-ratio", "1000",
+                      capsys=capsys, monkeypatch=monkeypatch)
     assert result.returncode == 1
     assert "FAIL: full tokens/s" in result.stdout and "check(s) failed" in result.stderr
 
 
-def test_bench_train_times_the_real_loop_and_the_bare_step_of_its_model(token_cache):
+def test_bench_train_times_the_real_loop_and_the_bare_step_of_its_model(token_cache, capsys, monkeypatch):
     """--loop runs python -m attn_lm.train at the benchmark's shape and the bare step of the
     model that run built (its checkpoint's config: the data's vocabulary, not --vocab-size)."""
     overrides = f"data=stdlib data.max_chars=200000 data.max_eval_tokens=2048 data.cache_dir={token_cache}"
-    stdout = run_script("bench_train.py", "--mechanisms", "full", *TINY_TRAIN, "--loop", "--loop-steps", "30",
-                        "--loop-overrides", overrides)
+    stdout = run_in_process("bench_train.py", "--mechanisms", "full", *TINY_TRAIN, "--loop", "--loop-steps", "30",
+                            "--loop-overrides", overrides, capsys=capsys, monkeypatch=monkeypatch)
     rows = {row[0]: row for row in table_rows(stdout)}
     assert {"full", "bare step of the loop's model", "python -m attn_lm.train"} <= set(rows)
     assert rows["bare step of the loop's model"][2] != rows["full"][2]  # other vocabulary, other parameter count
@@ -182,19 +233,18 @@ def test_bench_decode_tiny():
     assert kv_mb[("linear", "16")] == kv_mb[("linear", "32")] and kv_mb[("full", "16")] < kv_mb[("full", "32")]
 
 
-def test_bench_decode_times_the_compiled_prefill():
+def test_bench_decode_times_the_compiled_prefill(capsys, monkeypatch):
     """--compile-prefill: the generation rows run the compiled step and prefill (Inductor on CPU),
     with no fallback note; --eager, which compiles nothing, refuses it."""
-    stdout = run_script(
+    stdout = run_in_process(
         "bench_decode.py", "--d-model", "32", "--n-layer", "1", "--n-heads", "2", "--vocab", "64",
         "--mechanisms", "local", "--batches", "2", "--prompt", "8", "--new-tokens", "4", "--contexts",
-        "--repeats", "1", "--compile-prefill", "--device", "cpu",
+        "--repeats", "1", "--compile-prefill", "--device", "cpu", capsys=capsys, monkeypatch=monkeypatch,
     )
     assert "decoding step: compiled; generation prefill: compiled" in stdout
     (row,) = table_rows(stdout)
     assert row[:2] == ["local", "2"] and float(row[5]) > 0 and row[-1] == "-", row
-    refused = subprocess.run([sys.executable, str(SCRIPTS / "bench_decode.py"), "--eager", "--compile-prefill"],
-                             capture_output=True, text=True, env=ENV, check=False)
+    refused = run_main("bench_decode.py", "--eager", "--compile-prefill", capsys=capsys, monkeypatch=monkeypatch)
     assert refused.returncode == 2 and "--eager compiles nothing" in refused.stderr
 
 
