@@ -42,6 +42,31 @@ def cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.Compl
                           text=True, timeout=600, env=environ)
 
 
+def generate_cli_in_process(args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``python -m attn_lm.generate ARGS`` in this process: the console script's ``main`` (Hydra
+    reads ``sys.argv``, as in the process), with its exit status, stdout and stderr; no new Python
+    importing torch and Lightning. generate configures no logging (hydra/job_logging: none); the
+    Hydra state its run leaves (the job's HydraConfig, which run directories read) is put back.
+    The generate process itself is tested in test_generation.py."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from attn_lm.generate import main
+
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
+    monkeypatch.setattr(sys, "argv", ["attn_lm.generate", *args])
+    capsys.readouterr()
+    code = 0
+    try:
+        main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(sys.argv, code, out, err)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, smoke_overrides) -> Path:
     """A finished two-step run at block size 24, trained once for this module."""
@@ -200,11 +225,13 @@ def test_a_pattern_covering_the_context_is_warned_at_start(tmp_path, smoke_overr
     assert "layers 0, 1: local: window_size 32 ≥ context 32 — this is full attention" in caplog.text
 
 
-def test_a_comparison_run_directory_is_passed_as_named(finished_run, tmp_path):
+def test_a_comparison_run_directory_is_passed_as_named(finished_run, tmp_path, monkeypatch, capsys):
     """Issue 13.14: folders named by their overrides (``attention=local,seed=2``) work unquoted."""
     named = tmp_path / "multirun" / "attention=local,seed=2"
     shutil.copytree(finished_run, named)
-    proc = cli("generate", [f"ckpt={named}", "prompt=ab", "max_new_tokens=3", "device=cpu"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = generate_cli_in_process([f"ckpt={named}", "prompt=ab", "max_new_tokens=3", "device=cpu"], monkeypatch,
+                                   capsys)
     assert proc.returncode == 0 and proc.stdout.startswith("ab"), proc.stderr
     assert rewrite_arg("ckpt=it's/a=b") == "ckpt='it\\'s/a=b'" and rewrite_arg("ckpt_path=last") == "ckpt_path=last"
 
@@ -259,9 +286,10 @@ def test_cpu_peak_memory_is_each_runs_own():
     assert kind == "cpu_peak_rss" and after < before - 32
 
 
-def test_generate_help_lists_only_its_own_options(tmp_path):
+def test_generate_help_lists_only_its_own_options(tmp_path, monkeypatch, capsys):
     """Issue 13.18: no training groups that generate would then reject."""
-    proc = cli("generate", ["--help"], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = generate_cli_in_process(["--help"], monkeypatch, capsys)
     assert proc.returncode == 0 and "allow_unknown" in proc.stdout
     assert "attention" not in proc.stdout and "optim" not in proc.stdout
 
