@@ -42,29 +42,51 @@ def cli(module: str, args: list[str], cwd: Path, **env: str) -> subprocess.Compl
                           text=True, timeout=600, env=environ)
 
 
-def generate_cli_in_process(args: list[str], monkeypatch, capsys) -> subprocess.CompletedProcess:
-    """``python -m attn_lm.generate ARGS`` in this process: the console script's ``main`` (Hydra
-    reads ``sys.argv``, as in the process), with its exit status, stdout and stderr; no new Python
-    importing torch and Lightning. generate configures no logging (hydra/job_logging: none); the
-    Hydra state its run leaves (the job's HydraConfig, which run directories read) is put back.
-    The generate process itself is tested in test_generation.py."""
+def cli_in_process(module: str, args: list[str], monkeypatch, capsys, **env: str) -> subprocess.CompletedProcess:
+    """``python -m attn_lm.<module> ARGS`` in this process (in the working directory the test set):
+    the console script's ``main`` (Hydra reads ``sys.argv``, as in the process), its exit status
+    (an exception that escapes: status 1 and its traceback on stderr, as the interpreter does),
+    stdout and stderr; no new Python importing torch and Lightning (~10 s). What a run leaves
+    behind in the process is put back: the logging setup (Hydra's job logging: handlers, levels,
+    propagation), the job's HydraConfig (which run directories read), GlobalHydra. The tests whose
+    point is the process itself (one line on stderr and nothing else; a run directory another
+    process holds, a lock this process could take again) keep :func:`cli`."""
+    import importlib
+    import logging
+    import traceback
+
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from attn_lm.generate import main
-
+    main = importlib.import_module(f"attn_lm.{module}").main
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(HydraConfig.instance(), "cfg", HydraConfig.instance().cfg)
-    monkeypatch.setattr(sys, "argv", ["attn_lm.generate", *args])
+    monkeypatch.setattr(sys, "argv", [f"attn_lm.{module}", *args])
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    saved = [(lg, lg.level, list(lg.handlers), lg.propagate, lg.disabled) for lg in loggers]
     capsys.readouterr()
-    code = 0
+    code, trace = 0, ""
     try:
         main()
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else 1
+    except Exception:  # noqa: BLE001 - what the interpreter would print, and its exit status
+        code, trace = 1, traceback.format_exc()
     finally:
         GlobalHydra.instance().clear()
+        for lg in logging.root.manager.loggerDict.values():
+            if isinstance(lg, logging.Logger) and all(lg is not s[0] for s in saved):
+                saved.append((lg, lg.level, [], lg.propagate, lg.disabled))
+        for lg, level, handlers, propagate, disabled in saved + [(logging.getLogger(), *saved[0][1:])]:
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+            lg.propagate, lg.disabled = propagate, disabled
     out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(sys.argv, code, out, err)
+    return subprocess.CompletedProcess(sys.argv, code, out, err + trace)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +135,10 @@ def test_cli_reports_an_input_error_in_one_line(tmp_path, smoke_overrides, args,
     assert line in (tmp_path / "run" / "train.log").read_text()  # the log file says why the run ended
 
 
-def test_full_traceback_with_hydra_full_error(tmp_path, smoke_overrides):
-    proc = cli("train", [*smoke_overrides, "model.n_layer=four", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
-               HYDRA_FULL_ERROR="1")
+def test_full_traceback_with_hydra_full_error(tmp_path, smoke_overrides, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    proc = cli_in_process("train", [*smoke_overrides, "model.n_layer=four", f"hydra.run.dir={tmp_path / 'run'}"],
+                          monkeypatch, capsys, HYDRA_FULL_ERROR="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "must be int" in proc.stderr
 
 
@@ -230,8 +253,8 @@ def test_a_comparison_run_directory_is_passed_as_named(finished_run, tmp_path, m
     named = tmp_path / "multirun" / "attention=local,seed=2"
     shutil.copytree(finished_run, named)
     monkeypatch.chdir(tmp_path)
-    proc = generate_cli_in_process([f"ckpt={named}", "prompt=ab", "max_new_tokens=3", "device=cpu"], monkeypatch,
-                                   capsys)
+    proc = cli_in_process("generate", [f"ckpt={named}", "prompt=ab", "max_new_tokens=3", "device=cpu"], monkeypatch,
+                          capsys)
     assert proc.returncode == 0 and proc.stdout.startswith("ab"), proc.stderr
     assert rewrite_arg("ckpt=it's/a=b") == "ckpt='it\\'s/a=b'" and rewrite_arg("ckpt_path=last") == "ckpt_path=last"
 
@@ -289,19 +312,21 @@ def test_cpu_peak_memory_is_each_runs_own():
 def test_generate_help_lists_only_its_own_options(tmp_path, monkeypatch, capsys):
     """Issue 13.18: no training groups that generate would then reject."""
     monkeypatch.chdir(tmp_path)
-    proc = generate_cli_in_process(["--help"], monkeypatch, capsys)
+    proc = cli_in_process("generate", ["--help"], monkeypatch, capsys)
     assert proc.returncode == 0 and "allow_unknown" in proc.stdout
     assert "attention" not in proc.stdout and "optim" not in proc.stdout
 
 
-def test_cli_skip_completed_keeps_a_complete_run(tmp_path, smoke_overrides):
+def test_cli_skip_completed_keeps_a_complete_run(tmp_path, smoke_overrides, monkeypatch, capsys):
     """The run-directory guard runs before the job; it must not clear a run that skip_completed
     then skips."""
     args = [*smoke_overrides, *TINY, "skip_completed=true", f"hydra.run.dir={tmp_path / 'run'}"]
-    assert cli("train", args, tmp_path).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    first = cli_in_process("train", args, monkeypatch, capsys)
+    assert first.returncode == 0, first.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     stamp = ckpt.stat().st_mtime_ns
-    proc = cli("train", args, tmp_path)
+    proc = cli_in_process("train", args, monkeypatch, capsys)
     assert proc.returncode == 0 and "skipping" in (tmp_path / "run" / "train.log").read_text()
     assert ckpt.stat().st_mtime_ns == stamp
 
@@ -318,13 +343,14 @@ def test_a_bpe_of_the_same_size_trained_on_other_text_is_refused():
         check_same_tokenizer(code.payload(), prose, "the checkpoint", "the data")
 
 
-def test_evaluate_cli_writes_its_log_and_takes_a_comparison_folder(finished_run, tmp_path):
+def test_evaluate_cli_writes_its_log_and_takes_a_comparison_folder(finished_run, tmp_path, monkeypatch, capsys):
     """Issues 13.11 and 13.14: evaluate.log is filled; a folder named attention=local,seed=2 is
     passed unquoted."""
     named = tmp_path / "multirun" / "attention=local,seed=2"
     shutil.copytree(finished_run, named)
-    proc = cli("evaluate", [f"ckpt={named}", f"hydra.run.dir={tmp_path / 'eval'}", "trainer.enable_progress_bar=false"],
-               tmp_path)
+    monkeypatch.chdir(tmp_path)
+    proc = cli_in_process("evaluate", [f"ckpt={named}", f"hydra.run.dir={tmp_path / 'eval'}",
+                                       "trainer.enable_progress_bar=false"], monkeypatch, capsys)
     assert proc.returncode == 0, proc.stderr
     assert '"unit": "byte"' in (tmp_path / "eval" / "evaluate.log").read_text()
     assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["block_size"] == 24
