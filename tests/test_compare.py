@@ -251,7 +251,25 @@ def test_optuna_lr_sweeper_preset_composes():
     OmegaConf.merge(OmegaConf.structured(OptunaSweeperConf), fields)  # unknown keys / bad types raise
 
 
-def test_sweep_over_gpus_deals_mechanisms_and_resumes(tmp_path, token_cache):
+def sweep_gpus_in_process(args: list[str], capsys) -> tuple[int, str]:
+    """``python scripts/sweep_gpus.py ARGS`` in this process (the script is ``attn_lm.gpu_sweep.main``;
+    its training processes are still started): its exit status and output, without a Python that
+    imports Lightning first; the SIGTERM/SIGINT handlers it installs are put back."""
+    import signal
+
+    from attn_lm.gpu_sweep import main
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    capsys.readouterr()
+    try:
+        code = main(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return code, capsys.readouterr().out
+
+
+def test_sweep_over_gpus_deals_mechanisms_and_resumes(tmp_path, token_cache, capsys, monkeypatch):
     """scripts/sweep_gpus.py: one process per (here pretend) GPU, each with its share of the
     mechanisms and its own CUDA_VISIBLE_DEVICES, one shared sweep directory; re-running it skips
     the finished runs."""
@@ -265,8 +283,9 @@ def test_sweep_over_gpus_deals_mechanisms_and_resumes(tmp_path, token_cache):
     runs = {p.parent.name.split(",")[0]: json.loads(p.read_text()) for p in root.glob("*/results.json")}
     assert set(runs) == {"attention=full", "attention=local", "attention=gqa"}
     assert all(r["status"] == "complete" for r in runs.values())
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("skipping") == 3, again.stdout[-3000:]
+    monkeypatch.chdir(tmp_path)
+    code, again = sweep_gpus_in_process(cmd[2:], capsys)  # the re-run: the script's main in this process
+    assert code == 0 and again.count("skipping") == 3, again[-3000:]
 
 
 def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
@@ -285,7 +304,7 @@ def test_sweep_over_gpus_splits_values_and_rejects_bad_input():
         split_values(["seed=1", "seed=2"], "seed")
 
 
-def test_sweep_over_gpus_packs_runs_and_plans_what_remains(tmp_path, token_cache, capsys):
+def test_sweep_over_gpus_packs_runs_and_plans_what_remains(tmp_path, token_cache, capsys, monkeypatch):
     """--per-gpu 2: two processes on one (pretend) GPU, each with its share; --plan then counts the
     finished runs per cell, with their measured minutes, and the runs a new seed adds."""
     from attn_lm.gpu_sweep import main
@@ -293,11 +312,11 @@ def test_sweep_over_gpus_packs_runs_and_plans_what_remains(tmp_path, token_cache
     root = tmp_path / "sweep"
     common = ["experiment=compare_attention", "debug=smoke", f"data.cache_dir={token_cache}", "data.max_chars=200000",
               "trainer.enable_progress_bar=false", "trainer=cpu", f"hydra.sweep.dir={root}"]
-    cmd = [sys.executable, str(REPO / "scripts" / "sweep_gpus.py"), "--gpus", "0", "--per-gpu", "2", "--",
-           *common, "attention=full,local", "seed=1"]
-    packed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert packed.returncode == 0, packed.stdout[-3000:]
-    assert "[gpu 0.0] attention=full" in packed.stdout and "[gpu 0.1] attention=local" in packed.stdout
+    monkeypatch.chdir(tmp_path)
+    code, packed = sweep_gpus_in_process(["--gpus", "0", "--per-gpu", "2", "--", *common, "attention=full,local",
+                                          "seed=1"], capsys)
+    assert code == 0, packed[-3000:]
+    assert "[gpu 0.0] attention=full" in packed and "[gpu 0.1] attention=local" in packed
     walls = {p.parent.name.split(",")[0]: json.loads(p.read_text())["wall_time_s"] for p in root.glob("*/results.json")}
     assert set(walls) == {"attention=full", "attention=local"}
 
