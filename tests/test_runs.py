@@ -78,7 +78,7 @@ def cli_in_process(module: str, args: list[str], monkeypatch, capsys, **env: str
         for lg in logging.root.manager.loggerDict.values():
             if isinstance(lg, logging.Logger) and all(lg is not s[0] for s in saved):
                 saved.append((lg, lg.level, [], lg.propagate, lg.disabled))
-        for lg, level, handlers, propagate, disabled in saved + [(logging.getLogger(), *saved[0][1:])]:
+        for lg, level, handlers, propagate, disabled in saved:  # saved[0]: the root logger
             for handler in lg.handlers:
                 if handler not in handlers:
                     handler.close()
