@@ -18,6 +18,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 
 from .devices import device_name, peak_memory_mb, reset_peak_memory, synchronize
 
@@ -387,20 +388,27 @@ class RunClock(L.Callback):
 class TextSampler(L.Callback):
     """Every ``every``-th validation, a short continuation of ``prompt`` (temperature 0.8, top-k 50,
     a fixed seed, so samples differ only by what the model learned), written to the log and to
-    the loggers that take text (TensorBoard, W&B). Shows what a loss number means."""
+    the loggers that take text (TensorBoard, W&B). Shows what a loss number means. ``seconds``:
+    wall time spent sampling (``results.json``: ``sample_s``; the decoding is eager, so on a GPU it
+    is launch-bound, not compute-bound)."""
 
     def __init__(self, tokenizer: Any, every: int, max_new_tokens: int, prompt: str = "\n") -> None:
         self.tokenizer, self.every, self.max_new_tokens, self.prompt = tokenizer, every, max_new_tokens, prompt
         self._validations = 0
         self._last_step = -1
+        self.seconds = 0.0
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validations += 1
-        due = self._validations % self.every == 0 or not trainer.training  # the final evaluation too
+        # trainer.training is False in every validation, the ones inside fit too: the final
+        # evaluation is the one outside fit.
+        due = self._validations % self.every == 0 or trainer.state.fn != TrainerFn.FITTING
         if trainer.sanity_checking or not trainer.is_global_zero or not due or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        text = self.sample(pl_module)
+        start = time.perf_counter()
+        text = self.sample(pl_module)  # tokenizer.decode reads the tokens back: the time includes the GPU's
+        self.seconds += time.perf_counter() - start
         log.info("sample at step %d:\n%s", trainer.global_step, text)
         for logger in trainer.loggers:
             if hasattr(logger, "log_text"):  # W&B

@@ -195,6 +195,7 @@ def fit_and_evaluate(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "wall_time_s": wall,
         "resumed_from_step": resumed_step,
         "warmup_s": warmup[0].seconds if warmup else 0.0,
+        "sample_s": sampler[0].seconds if sampler else 0.0,
         **run_facts(module.model.layer_types, speed.device_name),
         "precision": str(trainer.precision),
         "dataset": datamodule.fingerprint,

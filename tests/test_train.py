@@ -291,3 +291,27 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, smoke_overri
     assert history == {step: whole[step] for step in history}
     results = json.loads((killed / "results.json").read_text())
     assert results["resumed_from_step"] == resumed_from and results["steps"] == 14
+
+
+def test_text_sampler_samples_every_nth_validation_and_the_final_evaluation():
+    """sample_every=N samples at every N-th validation inside fit and once at the final evaluation
+    (not twice at one step); trainer.training is False in every validation, so it cannot tell them apart."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from attn_lm.callbacks import TextSampler
+
+    sampler = TextSampler(tokenizer=None, every=3, max_new_tokens=4)
+    sampled = []
+    sampler.sample = lambda module: sampled.append(trainer.global_step) or "text"
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, training=False, loggers=[],
+                              state=SimpleNamespace(fn=TrainerFn.FITTING), global_step=0)
+    for step in (10, 20, 30, 40, 50, 60, 70):
+        trainer.global_step = step
+        sampler.on_validation_end(trainer, None)
+    trainer.state.fn = TrainerFn.VALIDATING  # evaluate_after_fit: validate() on the trained weights
+    sampler.on_validation_end(trainer, None)
+    assert sampled == [30, 60, 70]
+    sampler.on_validation_end(trainer, None)  # a second evaluation at the same step: no second sample
+    assert sampled == [30, 60, 70] and sampler.seconds >= 0
