@@ -131,14 +131,25 @@ def _fail_on_recompile_limit():
     return dynamo_config.patch(fail_on_recompile_limit_hit=True)
 
 
-def compile_step(device: torch.device) -> StepFn:
+def compile_step(device: torch.device, tune: bool = True) -> StepFn:
     """:func:`decode_one_token` compiled as one graph: CUDA graphs on GPU (``reduce-overhead``),
     Inductor kernels on CPU. ``fullgraph=True`` turns a graph break into an error. Each model is a
     recompilation of the same function, so the recompile limit is raised (past it, see
-    :data:`RECOMPILE_LIMIT`)."""
+    :data:`RECOMPILE_LIMIT`).
+
+    ``tune`` (GPU only): Inductor's coordinate-descent tuning of the step's kernels, gpt-fast's
+    setting. With it Inductor also turns a matmul with one row (every projection of a batch-1
+    step) into a reduction that it tunes and fuses with its neighbours, instead of a cuBLAS call:
+    a batch-1 step is bound by the latency of its ~220 small kernels, not by bandwidth (RESULTS.md
+    6g). Measured on an H200 at the GPT-2-small shape: +11-18% tokens/s (``full`` and ``local``
+    at batch 1, ``full`` at batch 8) for ~12 s more compilation per step graph (Inductor caches
+    the tuned configs on disk, so a later process reuses them)."""
     _raise_recompile_limit()
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    return torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False)
+    if device.type != "cuda":
+        return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    # mode="reduce-overhead" is options={"triton.cudagraphs": True}; torch.compile takes one or the other.
+    return torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                         options={"triton.cudagraphs": True, "coordinate_descent_tuning": tune})
 
 
 #: ``(model, idx [B, W], lengths [B], caches) -> logits [B, V]``, as :func:`prefill`.
@@ -185,7 +196,8 @@ class Decoder:
     ``max_len``: how many tokens (left-padded prompt width + generated) a row will hold at most;
     caches are allocated once for ``min(max_len, max_context)`` positions and reused by every
     prefill of this decoder. ``max_context``: tokens the model conditions on (default
-    ``context_len``). ``compile``: run the step through :func:`compile_step`.
+    ``context_len``). ``compile``: run the step through :func:`compile_step`, with its kernels
+    tuned unless ``tune_step=False``.
     ``compile_prefill``: run the prefill that fills the caches through :func:`compile_prefill_fn`
     at bucketed widths (module docstring); independent of ``compile``. A model with a layer that
     cannot be traced (``compile_unsupported``, the tile-loop teaching code) prefills eagerly, and
@@ -193,13 +205,13 @@ class Decoder:
     """
 
     def __init__(self, model: nn.Module, max_len: int, use_cache: bool = True, max_context: Optional[int] = None,
-                 compile: bool = False, compile_prefill: bool = False):
+                 compile: bool = False, compile_prefill: bool = False, tune_step: bool = True):
         window = context_window(model, max_context)
         self.model, self.use_cache, self.window, self.max_len = model, use_cache, window, max_len
         self.capacity = min(max_len, window)
         self.device = next(model.parameters()).device
         self.compile = compile
-        self.step_fn: StepFn = compile_step(self.device) if compile else decode_one_token
+        self.step_fn: StepFn = compile_step(self.device, tune_step) if compile else decode_one_token
         untraceable = getattr(model, "untraceable", {}) if compile_prefill else {}
         if untraceable:
             warnings.warn("compile_prefill: the prefill runs eagerly, since " +

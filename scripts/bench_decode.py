@@ -89,6 +89,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eager", action="store_true",
                    help="compile nothing: neither the step nor the prefill (compile=false)")
+    p.add_argument("--untuned-step", action="store_true",
+                   help="compile the step without Inductor's coordinate-descent tuning (Decoder(tune_step=False)): "
+                        "the plain reduce-overhead step, for an A/B in one call")
     p.add_argument("--compile-prefill", action="store_true",
                    help="compile the generation table's prefill too (Inductor, static width buckets; "
                         "compile_prefill=true)")
@@ -98,6 +101,11 @@ def parse_args() -> argparse.Namespace:
     if args.eager and args.compile_prefill:
         p.error("--eager compiles nothing (the CLI's compile=false); drop it to use --compile-prefill")
     return args
+
+
+def tuned_step(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the compiled step's kernels are tuned (``Decoder(tune_step=)``: on GPU only)."""
+    return device.type == "cuda" and not (args.eager or args.untuned_step)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -153,7 +161,8 @@ def generation_row(model: GPT, batch: int, args: argparse.Namespace, device: tor
     """End-to-end greedy generation, then its prefill and steps timed apart on the same decoder."""
     fresh_compile_state()
     total = args.prompt + args.new_tokens
-    decoder = Decoder(model, total, max_context=total, compile=not args.eager, compile_prefill=args.compile_prefill)
+    decoder = Decoder(model, total, max_context=total, compile=not args.eager, compile_prefill=args.compile_prefill,
+                      tune_step=not args.untuned_step)
     idx = torch.randint(0, args.vocab, (batch, args.prompt), device=device)
 
     def generate():
@@ -182,7 +191,7 @@ def step_columns(model: GPT, decoder: Decoder, batch: int, positions: int, step:
 def context_row(model: GPT, context: int, args: argparse.Namespace, device: torch.device, copy: float) -> dict:
     fresh_compile_state()
     total = context + args.steps + 1
-    decoder = Decoder(model, total, max_context=total, compile=not args.eager)
+    decoder = Decoder(model, total, max_context=total, compile=not args.eager, tune_step=not args.untuned_step)
     idx = torch.randint(0, args.vocab, (1, context), device=device)
     token = idx[:, -1:]
 
@@ -243,7 +252,8 @@ def main() -> None:
     copy = copy_rate(device)
     print(header(device, [f"dtype {dtype}, d_model {args.d_model}, {args.n_layer} layers, {args.n_heads} heads, "
                           f"vocab {args.vocab}, position {args.position}, options {' '.join(args.options) or '-'}",
-                          f"decoding step: {'eager' if args.eager else 'compiled'}; "
+                          f"decoding step: {'eager' if args.eager else 'compiled'}"
+                          f"{', kernels tuned' if tuned_step(args, device) else ''}; "
                           "generation prefill: "
                           f"{'compiled (Inductor, width buckets)' if args.compile_prefill else 'eager'}; "
                           f"device-to-device copy {copy / 1e9:,.0f} GB/s (read + write)"]))
