@@ -168,12 +168,15 @@ def test_retention_decodes_at_constant_memory_and_rejects_masks_while_decoding()
 
 
 # ------------------------------------------------------------------------------ mla
-def test_mla_absorbed_step_equals_explicit_attention_over_materialised_keys():
+@pytest.mark.parametrize("qk_nope_dim", [None, 5])
+def test_mla_absorbed_step_equals_explicit_attention_over_materialised_keys(qk_nope_dim):
     """attend_step folds W_UK into the query and W_UV after the softmax; the explicit form
-    up-projects every cached latent to K_h = [k^R, W_UK_h c], V_h = W_UV_h c. Same numbers."""
+    up-projects every cached latent to K_h = [k^R, W_UK_h c], V_h = W_UV_h c. Same numbers, with
+    q/k content as wide as the values (None) or not."""
     from attn_lm.attention.functional import reference_attention
 
-    layer = build("mla", position="rope")
+    layer = build("mla", position="rope", qk_nope_dim=qk_nope_dim)
+    assert layer.score_dim == layer.rope_dim + (qk_nope_dim or layer.head_dim)
     x = torch.randn(2, 11, layer.dims.d_model, dtype=torch.float64)
     cache = layer.new_cache(2, 16, torch.float64, "cpu")
     layer(x[:, :7], cache=cache)

@@ -2,15 +2,19 @@
 Efficient Mixture-of-Experts Language Model", section 2.1).
 
 Keys and values of all heads come from one shared low-rank latent per token,
-``c = RMSNorm(W_DKV x)`` of ``kv_rank`` channels: ``k_h = W_UK_h c``, ``v_h = W_UV_h c`` (``D``
-channels per head). RoPE cannot be applied to ``k_h`` without breaking the low-rank structure, so
+``c = RMSNorm(W_DKV x)`` of ``kv_rank`` channels: ``k_h^C = W_UK_h c`` (``n = qk_nope_dim``
+channels per head, the paper's ``qk_nope_head_dim``; default ``D``) and ``v_h = W_UV_h c`` (``D``
+channels). RoPE cannot be applied to ``k_h^C`` without breaking the low-rank structure, so
 position is *decoupled*: each head's query has an extra ``rope_dim`` slice ``q_h^R`` and every
 head shares one rotated key ``k^R = RoPE(W_KR x)`` of ``rope_dim`` channels. Scores:
 
-    s_h(i, j) = (q_h^C . k_h^C(j) + q_h^R(i) . k^R(j)) / sqrt(D + rope_dim)
+    s_h(i, j) = (q_h^C . k_h^C(j) + q_h^R(i) . k^R(j)) / sqrt(n + rope_dim)
 
 * training / prefill (``attend``): materialise ``K_h = [k^R, W_UK_h c]`` and ``V_h = W_UV_h c``
-  and run fused SDPA (FlexAttention under a sparse pattern) -- ``O(T^2 (D + r))`` per head;
+  and run fused SDPA (FlexAttention under a sparse pattern) -- ``O(T^2 (n + r + D))`` per head.
+  Queries and keys are ``r + n`` wide and values ``D``: the paper's layout (``n = D``) makes the
+  score products wider than multi-head attention's, and a kernel's cost can jump past a width
+  (cuDNN's above 128: benchmarks/RESULTS.md 2h); ``qk_nope_dim = D - rope_dim`` keeps q/k at ``D``;
 * decoding (``attend_step``), *absorbed* form: the cache holds only ``[k^R | c]`` per token,
   ``rope_dim + kv_rank`` numbers for all heads together. ``q_h^C . W_UK_h c = (W_UK_h^T q_h^C) . c``,
   so a step folds ``W_UK`` into the query once and attends over the latent rows directly (all
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +72,14 @@ class LatentCache(LayerCache):
 class MultiHeadLatentAttention(SoftmaxAttention):
     """DeepSeek-V2 multi-head latent attention: K/V from a shared ``kv_rank`` latent, decoupled
     RoPE on a ``rope_dim`` slice; decodes in absorbed form from a cache of
-    ``rope_dim + kv_rank`` numbers per token. Time ``O(T^2 (D + r))`` per head."""
+    ``rope_dim + kv_rank`` numbers per token. Time ``O(T^2 (r + n + D))`` per head."""
 
     description = "DeepSeek-V2 multi-head latent attention: low-rank latent K/V + decoupled RoPE, tiny absorbed cache"
     family = "latent"
     exact = False
-    projected_inputs = True  # queries of r + D channels, a latent row for keys
+    projected_inputs = True  # queries of r + n channels, a latent row for keys
     cache_kind = "latent"
-    uneven_heads = True  # scores over rope_dim + D channels, values of D
+    uneven_heads = True  # scores over rope_dim + qk_nope_dim channels, values of D
 
     @dataclass(frozen=True)
     class Options:
@@ -82,6 +87,9 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         kv_rank: int = option(64, 12, 1, 4, 16)
         #: Channels of the decoupled rotary query/key slice (even).
         rope_dim: int = option(16, 4, 2, 6)
+        #: Per-head channels of the position-free query/key part (DeepSeek-V2's qk_nope_head_dim);
+        #: None = head_dim, the values' width. Queries and keys are rope_dim + qk_nope_dim wide.
+        qk_nope_dim: Optional[int] = option(None, None, 4, 12)
 
     @classmethod
     def validate_options(cls, config, dims):
@@ -98,20 +106,21 @@ class MultiHeadLatentAttention(SoftmaxAttention):
         super().__init__(config, dims)
         H, D, d = self.n_heads, self.head_dim, dims.d_model
         self.rope_dim, self.kv_rank = self.options.rope_dim, self.options.kv_rank
+        self.nope_dim = D if self.options.qk_nope_dim is None else self.options.qk_nope_dim
         # One fused projection: per-head queries [q^R | q^C], the shared rotary key and the latent.
-        self.qkv = nn.Linear(d, H * (self.rope_dim + D) + self.rope_dim + self.kv_rank, bias=dims.bias)
+        self.qkv = nn.Linear(d, H * (self.rope_dim + self.nope_dim) + self.rope_dim + self.kv_rank, bias=dims.bias)
         self.kv_norm = nn.Parameter(torch.ones(self.kv_rank))
-        self.kv_up = nn.Linear(self.kv_rank, 2 * H * D, bias=False)  # [W_UK; W_UV]
+        self.kv_up = nn.Linear(self.kv_rank, H * (self.nope_dim + D), bias=False)  # [W_UK; W_UV]
         if self.rotary is not None:  # rotate exactly the leading rope_dim channels of q and of the latent row
             self.rotary = Rotary(self.rope_dim, base=config.rope_base,
                                  xpos_scale_base=config.xpos_scale_base if config.position == "xpos" else None)
 
     def project(self, x, context):
-        """``q [B, H, T, r + D]`` (rotary slice first) and the latent row ``[k^R | c]``
+        """``q [B, H, T, r + n]`` (rotary slice first) and the latent row ``[k^R | c]``
         ``[B, 1, T, r + kv_rank]``, returned as both keys and values (base.forward rotates its
         first ``r`` channels with the queries'; ``c`` is position-free)."""
         H, r = self.n_heads, self.rope_dim
-        q, latent = self.qkv(x).split([H * (r + self.head_dim), r + self.kv_rank], dim=-1)
+        q, latent = self.qkv(x).split([H * (r + self.nope_dim), r + self.kv_rank], dim=-1)
         k_rope, c = latent.split([r, self.kv_rank], dim=-1)
         latent = torch.cat([k_rope, F.rms_norm(c, (self.kv_rank,), self.kv_norm.to(c.dtype))], dim=-1)
         latent = latent[:, None]
@@ -119,7 +128,7 @@ class MultiHeadLatentAttention(SoftmaxAttention):
 
     @property
     def score_dim(self) -> int:
-        return self.rope_dim + self.head_dim
+        return self.rope_dim + self.nope_dim
 
     @property
     def kernel_kv_heads(self) -> int:  # the latent is materialised per head before the kernel
@@ -127,23 +136,25 @@ class MultiHeadLatentAttention(SoftmaxAttention):
 
     def core_bytes(self, batch, seq_len, elem, backward, fused):
         """Softmax attention under the pattern over keys/values materialised per head from the
-        latent: the up-projection ``2 H D`` and the keys ``[k^R, W_UK c]`` ``(r + D)`` per token and head."""
-        materialised = batch * self.n_heads * seq_len * (3 * self.head_dim + self.rope_dim) * elem
+        latent: the up-projection ``H (n + D)`` and the keys ``[k^R, W_UK c]`` ``(r + n)`` per token and head."""
+        materialised = batch * self.n_heads * seq_len * (2 * self.nope_dim + self.head_dim + self.rope_dim) * elem
         return super().core_bytes(batch, seq_len, elem, backward, fused) + materialised
 
     def core_flops(self, batch, seq_len, backward):
-        """Scores over ``r + D`` channels, values of ``D``: ``(2 r + 4 D) T^2`` per head."""
-        return (1 + self.rope_dim / (2 * self.head_dim)) * super().core_flops(batch, seq_len, backward)
+        """Scores over ``r + n`` channels, values of ``D``: ``2 (r + n + D) T^2`` per head."""
+        return (self.score_dim + self.head_dim) / (2 * self.head_dim) * super().core_flops(batch, seq_len, backward)
 
     def up_weights(self) -> tuple[Tensor, Tensor]:
-        """``W_UK, W_UV [H, D, kv_rank]``."""
-        return self.kv_up.weight.view(2, self.n_heads, self.head_dim, self.kv_rank).unbind(0)
+        """``W_UK [H, n, kv_rank]``, ``W_UV [H, D, kv_rank]``."""
+        w_uk, w_uv = self.kv_up.weight.split([self.n_heads * self.nope_dim, self.n_heads * self.head_dim])
+        return w_uk.view(self.n_heads, self.nope_dim, self.kv_rank), w_uv.view(self.n_heads, self.head_dim, self.kv_rank)
 
     def materialise(self, latent: Tensor) -> tuple[Tensor, Tensor]:
-        """Explicit ``K [B, H, S, r + D]`` (shared rotary key, per-head ``W_UK c``), ``V [B, H, S, D]``."""
+        """Explicit ``K [B, H, S, r + n]`` (shared rotary key, per-head ``W_UK c``), ``V [B, H, S, D]``."""
         k_rope, c = latent.split([self.rope_dim, self.kv_rank], dim=-1)
-        k_nope, v = self.kv_up(c).unflatten(-1, (2, self.n_heads, self.head_dim)).unbind(-3)  # [B, 1, S, H, D]
-        k_nope, v = k_nope[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2)
+        k_nope, v = self.kv_up(c[:, 0]).split([self.n_heads * self.nope_dim, self.n_heads * self.head_dim], dim=-1)
+        k_nope = k_nope.unflatten(-1, (self.n_heads, self.nope_dim)).transpose(1, 2)  # [B, H, S, n]
+        v = v.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2)
         return torch.cat([k_rope.expand(-1, self.n_heads, -1, -1), k_nope], dim=-1), v
 
     def attend(self, q, k, v, q_pos, kv_pos, mask):
@@ -161,11 +172,11 @@ class MultiHeadLatentAttention(SoftmaxAttention):
 
     def absorbed_query(self, q: Tensor) -> Tensor:
         """``[q^R | W_UK^T q^C] [B, H, T, r + kv_rank]``, scaled so that dividing by
-        ``sqrt(r + kv_rank)`` (cached_attention) divides the scores by ``sqrt(r + D)``."""
-        q_rope, q_nope = q.split([self.rope_dim, self.head_dim], dim=-1)
+        ``sqrt(r + kv_rank)`` (cached_attention) divides the scores by ``sqrt(r + n)``."""
+        q_rope, q_nope = q.split([self.rope_dim, self.nope_dim], dim=-1)
         w_uk, _ = self.up_weights()
-        absorbed = torch.cat([q_rope, q_nope @ w_uk.to(q.dtype)], dim=-1)  # [H, D, R] per head
-        return absorbed * math.sqrt((self.rope_dim + self.kv_rank) / (self.rope_dim + self.head_dim))
+        absorbed = torch.cat([q_rope, q_nope @ w_uk.to(q.dtype)], dim=-1)  # [H, n, R] per head
+        return absorbed * math.sqrt((self.rope_dim + self.kv_rank) / self.score_dim)
 
     def attend_step(self, q, k, v, pos, cache, mask):
         """Absorbed decoding: scores against the cached latent rows, values ``W_UV (sum_j p_j c_j)``."""
