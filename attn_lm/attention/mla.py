@@ -13,8 +13,8 @@ head shares one rotated key ``k^R = RoPE(W_KR x)`` of ``rope_dim`` channels. Sco
 * training / prefill (``attend``): materialise ``K_h = [k^R, W_UK_h c]`` and ``V_h = W_UV_h c``
   and run fused SDPA (FlexAttention under a sparse pattern) -- ``O(T^2 (n + r + D))`` per head.
   Queries and keys are ``r + n`` wide and values ``D``: the paper's layout (``n = D``) makes the
-  score products wider than multi-head attention's, and a kernel's cost can jump past a width
-  (cuDNN's above 128: benchmarks/RESULTS.md 2h); ``qk_nope_dim = D - rope_dim`` keeps q/k at ``D``;
+  score products wider than multi-head attention's (at ``D = 128`` cuDNN took 1.40x ``full``'s
+  time, benchmarks/RESULTS.md 2h); ``qk_nope_dim = D - rope_dim`` keeps q/k at ``D``;
 * decoding (``attend_step``), *absorbed* form: the cache holds only ``[k^R | c]`` per token,
   ``rope_dim + kv_rank`` numbers for all heads together. ``q_h^C . W_UK_h c = (W_UK_h^T q_h^C) . c``,
   so a step folds ``W_UK`` into the query once and attends over the latent rows directly (all
