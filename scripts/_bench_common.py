@@ -179,6 +179,22 @@ class JsonLines:
             self.file.close()
 
 
+def idle_gaps(kernels: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
+    """Busy time and idle gaps ``(length, start)`` of the union of kernel intervals (µs)."""
+    busy, gaps, start, end = 0.0, [], None, None
+    for s, e in sorted(kernels):
+        if end is None or s > end:
+            if end is not None:
+                busy += end - start
+                gaps.append((s - end, end))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    if end is not None:
+        busy += end - start
+    return busy, sorted(gaps, reverse=True)
+
+
 def is_oom(error: BaseException) -> bool:
     """CUDA (or host) out-of-memory, including OOMs re-raised by compiled code."""
     return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error)

@@ -36,22 +36,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from attn_lm.lit_module import LitGPT  # noqa: E402
-
-
-def idle_gaps(kernels: list[tuple[float, float]]) -> tuple[float, list[tuple[float, float]]]:
-    """Busy time and idle gaps ``(length, start)`` of the union of kernel intervals (µs)."""
-    busy, gaps, start, end = 0.0, [], None, None
-    for s, e in sorted(kernels):
-        if end is None or s > end:
-            if end is not None:
-                busy += end - start
-                gaps.append((s - end, end))
-            start, end = s, e
-        else:
-            end = max(end, e)
-    if end is not None:
-        busy += end - start
-    return busy, sorted(gaps, reverse=True)
+from _bench_common import idle_gaps  # noqa: E402
 
 
 class LoopProbe:

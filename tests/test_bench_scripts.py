@@ -260,11 +260,25 @@ def test_profile_loop_reports_the_host_ops_of_a_cpu_run(tmp_path, token_cache):
     assert "Optimizer.step" in text  # the host ops of the optimizer steps were profiled
 
 
-def test_idle_gaps_of_kernel_intervals():
+def test_profile_decode_prints_a_row_per_decoder():
+    """scripts/profile_decode.py: --rows decoders per mechanism, each with its wall and host time
+    per token (on CPU no kernel columns: there are no CUDA kernels to profile)."""
+    stdout = run_script("profile_decode.py", "--device", "cpu", "--eager", "--d-model", "32", "--n-layer", "1",
+                        "--n-heads", "2", "--vocab", "64", "--prompt", "8", "--warmup-steps", "2", "--steps", "5",
+                        "--profile-steps", "3", "--rows", "2", "--mechanisms", "full", "mqa")
+    rows = table_rows(stdout)
+    assert [(row[0], row[1]) for row in rows] == [("full", "1"), ("full", "2"), ("mqa", "1"), ("mqa", "2")]
+    for row in rows:
+        wall, tokens_per_s, host = float(row[2]), float(row[3]), float(row[4])
+        assert 0 < host <= wall and tokens_per_s == pytest.approx(1e3 / wall, rel=0.01) and row[5] == "-", row
+
+
+def test_idle_gaps_of_kernel_intervals(monkeypatch):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("profile_loop", SCRIPTS / "profile_loop.py")
+    spec = importlib.util.spec_from_file_location("_bench_common", SCRIPTS / "_bench_common.py")
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "_bench_common", module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     busy, gaps = module.idle_gaps([(0, 10), (5, 20), (30, 35), (50, 51)])
     assert busy == 26 and gaps == [(15, 35), (10, 20)]
