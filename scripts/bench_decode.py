@@ -80,13 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contexts", nargs="*", type=int, default=[1024, 4096, 16384], help="context-scaling lengths")
     p.add_argument("--steps", type=int, default=64, help="timed decode steps per context-scaling row")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--position", default="learned", help="model.position (learned = GPT-2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    add_model_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--eager", action="store_true",
                    help="compile nothing: neither the step nor the prefill (compile=false)")
@@ -102,6 +96,17 @@ def parse_args() -> argparse.Namespace:
     if args.eager and args.compile_prefill:
         p.error("--eager compiles nothing (the CLI's compile=false); drop it to use --compile-prefill")
     return args
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model :func:`build_model` builds (GPT-2 small by default), its device and dtype."""
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--n-layer", type=int, default=12)
+    p.add_argument("--n-heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--position", default="learned", help="model.position (learned = GPT-2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
 
 
 def tuned_step(args: argparse.Namespace, device: torch.device) -> bool:

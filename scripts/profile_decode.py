@@ -34,7 +34,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from _bench_common import DTYPES, MarkdownTable, header, idle_gaps, parse_mechanism_options, synchronize
-from bench_decode import build_model, fresh_compile_state
+from bench_decode import add_model_arguments, build_model, fresh_compile_state
 
 from attn_lm.decoding import Decoder
 
@@ -49,14 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="timed steps, without the profiler")
     p.add_argument("--profile-steps", type=int, default=50, help="steps under torch.profiler")
     p.add_argument("--top", type=int, default=12, help="kernels listed per mechanism")
-    p.add_argument("--d-model", type=int, default=768)
-    p.add_argument("--n-layer", type=int, default=12)
-    p.add_argument("--n-heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--position", default="learned")
     p.add_argument("--options", nargs="*", default=[], metavar="MECH.OPTION=VALUE")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_model_arguments(p)
     p.add_argument("--eager", action="store_true", help="the eager step (compile=false)")
     p.add_argument("--untuned-step", action="store_true", help="Decoder(tune_step=False)")
     args = p.parse_args()
