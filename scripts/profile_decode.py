@@ -10,14 +10,16 @@ from a fresh compile state as ``bench_decode`` does, decodes greedily, and print
 
 * ``wall ms/token``: ``--steps`` steps, synchronised at the end (no profiler);
 * ``host ms/token``: the time the host took to *issue* those steps, read before the final
-  synchronisation (a step needs no device value, so the host runs ahead of the GPU unless it is
-  the slower one: host ~= wall means host-bound);
+  synchronisation (a step needs no device value, so the host runs ahead of the GPU while CUDA's
+  launch queue, about a thousand launches, has room; past that the host waits too, so host ~=
+  wall alone does not prove a host-bound step);
 * over ``--profile-steps`` more steps under ``torch.profiler``: ``GPU busy ms/token`` (the union
   of kernel intervals), ``kernel ms/token`` (their summed durations), ``kernels/token``;
 
-then each mechanism's top kernels (first row). A slow row whose kernels did not get slower was
-held up by the host; one whose kernel time grew was not. On CPU there are no kernels to count:
-the host and wall columns only.
+then each mechanism's top kernels (first row). GPU busy ~= wall: the kernels bound the step;
+GPU busy well under wall: the GPU waited for the host. A slow row whose kernels did not get
+slower was held up by the host; one whose kernel time grew was not. On CPU there are no kernels
+to count: the host and wall columns only.
 
     python scripts/profile_decode.py --mechanisms full mqa --rows 3
     python scripts/profile_decode.py --mechanisms full --untuned-step --rows 2
@@ -34,7 +36,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from _bench_common import DTYPES, MarkdownTable, header, idle_gaps, parse_mechanism_options, synchronize
-from bench_decode import add_model_arguments, build_model, fresh_compile_state
+from bench_decode import add_model_arguments, build_model, fresh_compile_state, tuned_step
 
 from attn_lm.decoding import Decoder
 
@@ -60,10 +62,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def positions(args: argparse.Namespace) -> int:
+    """Tokens a row holds: the prompt and every step."""
+    return args.prompt + args.warmup_steps + args.steps + args.profile_steps + 1
+
+
 def profile_row(model, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], collections.Counter]:
     """One decoder's columns and its kernels' total microseconds by name."""
     fresh_compile_state()
-    total = args.prompt + args.warmup_steps + args.steps + args.profile_steps + 1
+    total = positions(args)
     decoder = Decoder(model, total, max_context=total, compile=not args.eager, tune_step=not args.untuned_step)
     token = decoder.prefill(torch.randint(0, args.vocab, (args.batch, args.prompt), device=device)).argmax(-1, keepdim=True)
 
@@ -102,7 +109,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    step = "eager" if args.eager else "compiled" + ("" if args.untuned_step or device.type != "cuda" else ", kernels tuned")
+    step = "eager" if args.eager else "compiled" + (", kernels tuned" if tuned_step(args, device) else "")
     print(header(device, [f"dtype {dtype}, d_model {args.d_model}, {args.n_layer} layers, {args.n_heads} heads, "
                           f"vocab {args.vocab}, position {args.position}, batch {args.batch}, prompt {args.prompt}, "
                           f"options {' '.join(args.options) or '-'}; decoding step: {step}"]))
@@ -112,8 +119,7 @@ def main() -> None:
                            "kernel ms/token", "kernels/token", "note"])
     top: dict[str, collections.Counter] = {}
     for name in args.mechanisms:
-        model = build_model(name, args, args.prompt + args.warmup_steps + args.steps + args.profile_steps + 1,
-                            options, dtype, device)
+        model = build_model(name, args, positions(args), options, dtype, device)
         for row_index in range(1, args.rows + 1):
             row, kernels = profile_row(model, args, device)
             top.setdefault(name, kernels)
