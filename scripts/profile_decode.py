@@ -3,8 +3,10 @@
 A batch-1 step at the GPT-2-small shape takes ~0.5 ms on an H200 and reads ~10% of what the card
 could copy in that time, so neither bandwidth nor FLOPs bound it: either the latency of the ~200
 small kernels inside its CUDA graph does, or the host's work per token (the replay and its checks,
-sampling, the token bookkeeping). And a row of ``bench_decode.py`` sometimes runs 15-35% slower
-than the same row in another call, for all its repeats (benchmarks/RESULTS.md 6g). This builds
+sampling, the token bookkeeping). A row of ``bench_decode.py`` used to run 15-35% slower than the
+same row in another call, for all its repeats: this script showed it was the host (0.4-1 ms per
+token under Inductor's CUDA-graph trees, at an unchanged SM clock), which the explicitly captured
+step removed (benchmarks/RESULTS.md 6g). This builds
 ``bench_decode``'s model and decoder for each mechanism ``--rows`` times in one process, each row
 from a fresh compile state as ``bench_decode`` does, decodes greedily, and prints per row:
 
@@ -16,10 +18,13 @@ from a fresh compile state as ``bench_decode`` does, decodes greedily, and print
 * over ``--profile-steps`` more steps under ``torch.profiler``: ``GPU busy ms/token`` (the union
   of kernel intervals), ``kernel ms/token`` (their summed durations), ``kernels/token``;
 
-then each mechanism's top kernels (first row). GPU busy ~= wall: the kernels bound the step;
-GPU busy well under wall: the GPU waited for the host. A slow row whose kernels did not get
-slower was held up by the host; one whose kernel time grew was not. On CPU there are no kernels
-to count: the host and wall columns only.
+and ``SM MHz``, the card's SM clock read through NVML (``pynvml``, when installed) as the timed
+steps end. Then each mechanism's top kernels (first row) and, with two rows or more, the kernels
+whose time per token differs most between its slowest and fastest row. GPU busy ~= wall: the
+kernels bound the step; GPU busy well under wall: the GPU waited for the host. A slow row whose
+kernels did not get slower was held up by the host; one whose kernels all grew alike ran at a
+lower clock (compare ``SM MHz``); one where a few kernels grew got other kernels (compilation or
+tuning). On CPU there are no kernels to count: the host and wall columns only.
 
     python scripts/profile_decode.py --mechanisms full mqa --rows 3
     python scripts/profile_decode.py --mechanisms full --untuned-step --rows 2
@@ -67,6 +72,17 @@ def positions(args: argparse.Namespace) -> int:
     return args.prompt + args.warmup_steps + args.steps + args.profile_steps + 1
 
 
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The SM clock NVML reports now (its sample period is 1/6 to 1 s), or None without a CUDA
+    device or without ``pynvml`` (package ``nvidia-ml-py``, not a dependency)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return torch.cuda.clock_rate(device)
+    except ModuleNotFoundError:
+        return None
+
+
 def profile_row(model, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Any], collections.Counter]:
     """One decoder's columns and its kernels' total microseconds by name."""
     fresh_compile_state()
@@ -84,10 +100,13 @@ def profile_row(model, args: argparse.Namespace, device: torch.device) -> tuple[
     start = time.perf_counter()
     decode(args.steps)
     issued = time.perf_counter() - start
+    clock = sm_clock_mhz(device)  # while the GPU still runs the issued steps
     synchronize(device)
     wall = time.perf_counter() - start
     row = {"wall ms/token": 1e3 * wall / args.steps, "tok/s": args.batch * args.steps / wall,
            "host ms/token": 1e3 * issued / args.steps}
+    if clock is not None:
+        row["SM MHz"] = clock
     kernels_by_name: collections.Counter = collections.Counter()
     if device.type == "cuda":
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -116,21 +135,41 @@ def main() -> None:
     options = parse_mechanism_options(args.options)
     print(f"\n### Greedy decoding: {args.steps} timed and {args.profile_steps} profiled steps per row\n")
     table = MarkdownTable(["mechanism", "row", "wall ms/token", "tok/s", "host ms/token", "GPU busy ms/token",
-                           "kernel ms/token", "kernels/token", "note"])
-    top: dict[str, collections.Counter] = {}
+                           "kernel ms/token", "kernels/token", "SM MHz", "note"])
+    rows: dict[str, list[tuple[dict[str, Any], collections.Counter]]] = {}
     for name in args.mechanisms:
         model = build_model(name, args, positions(args), options, dtype, device)
         for row_index in range(1, args.rows + 1):
             row, kernels = profile_row(model, args, device)
-            top.setdefault(name, kernels)
+            rows.setdefault(name, []).append((row, kernels))
             table.row({"mechanism": name, "row": row_index, **row})
         del model
-    for name, kernels in top.items():
-        if kernels:
-            print(f"\n### Top kernels of `{name}` (row 1), per token\n")
-            kernel_table = MarkdownTable(["us/token", "kernel"])
-            for kernel, us in kernels.most_common(args.top):
-                kernel_table.row({"us/token": us / args.profile_steps, "kernel": kernel[:100]})
+    for name, measured in rows.items():
+        if measured[0][1]:
+            print_kernels(name, measured, args)
+
+
+def print_kernels(name: str, measured: list[tuple[dict[str, Any], collections.Counter]],
+                  args: argparse.Namespace) -> None:
+    """A mechanism's top kernels (row 1) and, with two rows or more, the kernels whose time per
+    token differs most between its slowest and fastest row (by wall time)."""
+    per_token = args.profile_steps
+    print(f"\n### Top kernels of `{name}` (row 1), per token\n")
+    kernel_table = MarkdownTable(["us/token", "kernel"])
+    for kernel, us in measured[0][1].most_common(args.top):
+        kernel_table.row({"us/token": us / per_token, "kernel": kernel[:100]})
+    if len(measured) < 2:
+        return
+    order = sorted(range(len(measured)), key=lambda i: measured[i][0]["wall ms/token"])
+    fast, slow = order[0], order[-1]
+    fast_kernels, slow_kernels = measured[fast][1], measured[slow][1]
+    change = {k: (slow_kernels[k] - fast_kernels[k]) / per_token for k in set(fast_kernels) | set(slow_kernels)}
+    print(f"\n### `{name}`: kernels that differ most between row {slow + 1} (slowest) and row {fast + 1} "
+          f"(fastest), per token\n")
+    diff_table = MarkdownTable(["slow - fast us/token", "slow us/token", "fast us/token", "kernel"])
+    for kernel in sorted(change, key=lambda k: -abs(change[k]))[:args.top]:
+        diff_table.row({"slow - fast us/token": change[kernel], "slow us/token": slow_kernels[kernel] / per_token,
+                        "fast us/token": fast_kernels[kernel] / per_token, "kernel": kernel[:100]})
 
 
 if __name__ == "__main__":
