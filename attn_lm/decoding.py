@@ -7,8 +7,9 @@ Small pure functions do the work:
 * :func:`decode_one_token` — one token per row at explicit positions ``input_pos [B, 1]`` (a
   device tensor). Every cache is preallocated and written at ``input_pos``, so the step has the
   same shapes and host code at every position: :func:`compile_step` compiles it whole
-  (``fullgraph``: a graph break is an error, never a silent eager fallback), with CUDA graphs on
-  GPU (``mode="reduce-overhead"``), so a step is one graph replay instead of hundreds of launches;
+  (``fullgraph``: a graph break is an error, never a silent eager fallback) and, on GPU, captures
+  it once in a CUDA graph (:class:`CUDAGraphStep`), so a step is one graph replay instead of
+  hundreds of launches;
 * :func:`~attn_lm.sampling.sample_next` — greedy / temperature / top-k / top-p on the device.
 
 :class:`Decoder` drives them and keeps the bookkeeping on the host (row lengths, the context
@@ -65,7 +66,6 @@ import torch._dynamo.config as dynamo_config
 from torch import Tensor, nn
 from torch._dynamo import exc as dynamo_exc
 from torch._dynamo.exc import TorchDynamoException
-from torch._dynamo.utils import counters
 
 from .cache import LayerCache
 from .sampling import check_sampling, sample_next
@@ -132,24 +132,90 @@ def _fail_on_recompile_limit():
 
 
 def compile_step(device: torch.device, tune: bool = True) -> StepFn:
-    """:func:`decode_one_token` compiled as one graph: CUDA graphs on GPU (``reduce-overhead``),
-    Inductor kernels on CPU. ``fullgraph=True`` turns a graph break into an error. Each model is a
-    recompilation of the same function, so the recompile limit is raised (past it, see
+    """:func:`decode_one_token` compiled as one graph with Inductor, and on GPU replayed from a CUDA
+    graph (:class:`CUDAGraphStep`). ``fullgraph=True`` turns a graph break into an error. Each model
+    is a recompilation of the same function, so the recompile limit is raised (past it, see
     :data:`RECOMPILE_LIMIT`).
 
     ``tune`` (GPU only): Inductor's coordinate-descent tuning of the step's kernels, gpt-fast's
     setting. With it Inductor also turns a matmul with one row (every projection of a batch-1
     step) into a reduction that it tunes and fuses with its neighbours, instead of a cuBLAS call:
-    a batch-1 step is bound by the latency of its ~220 small kernels, not by bandwidth (RESULTS.md
+    a batch-1 step is bound by the latency of its ~200 small kernels, not by bandwidth (RESULTS.md
     6g). Measured on an H200 at the GPT-2-small shape: +11-18% tokens/s (``full`` and ``local``
     at batch 1, ``full`` at batch 8) for ~12 s more compilation per step graph (Inductor caches
     the tuned configs on disk, so a later process reuses them)."""
     _raise_recompile_limit()
     if device.type != "cuda":
         return torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-    # mode="reduce-overhead" is options={"triton.cudagraphs": True}; torch.compile takes one or the other.
-    return torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                         options={"triton.cudagraphs": True, "coordinate_descent_tuning": tune})
+    return CUDAGraphStep(torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                                       options={"coordinate_descent_tuning": tune}))
+
+
+class CUDAGraphStep:
+    """A compiled step replayed from one explicitly captured CUDA graph (gpt-fast's recipe).
+
+    The first call on a set of caches runs ``step_fn`` (it compiles, Triton tunes its kernels, and
+    it is that token's real step), then captures one more call into a CUDA graph whose inputs are
+    two static tensors, the token and the positions. Every later call copies its token and
+    positions into them and replays the graph: three launches of host work per token. Under
+    Inductor's own CUDA graphs (``mode="reduce-overhead"``, graph trees) the host spent 0.3-1 ms per
+    token in guards, wrappers and tree bookkeeping, against ~0.5 ms of GPU work per token at the
+    GPT-2-small shape, so a step was bound by the host in some processes and not in others
+    (benchmarks/RESULTS.md 6g).
+
+    The graph reads the model's parameters and writes the caches at the addresses they had at
+    capture, like the graph trees' static inputs: parameters and cache buffers must be updated in
+    place (as optimizers, ``load_state_dict`` and a prefill do), never replaced; a new list of
+    caches (a new batch size), a new model or a new token shape is captured anew. The output
+    tensor is the graph's own and is overwritten by the next replay: copy it to keep it. If the
+    capture fails (an operation CUDA graphs do not allow), the compiled step runs without a graph
+    from then on, after a one-line warning with the reason.
+    """
+
+    def __init__(self, step_fn: StepFn):
+        self.step_fn = step_fn
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.captured: tuple = ()  # (model, caches, token shape) of the graph
+        self.static_token = self.static_pos = self.static_logits = None
+        self.capture_failed = False
+
+    def __call__(self, model: nn.Module, token: Tensor, input_pos: Tensor, caches: Sequence[LayerCache]) -> Tensor:
+        if self.capture_failed:
+            return self.step_fn(model, token, input_pos, caches)
+        captured = self.captured
+        if captured and captured[0] is model and captured[1] is caches and captured[2] == token.shape:
+            self.static_token.copy_(token)
+            self.static_pos.copy_(input_pos)
+            self.graph.replay()
+            return self.static_logits
+        return self._run_and_capture(model, token, input_pos, caches)
+
+    def _run_and_capture(self, model: nn.Module, token: Tensor, input_pos: Tensor,
+                         caches: Sequence[LayerCache]) -> Tensor:
+        """The real step (compiling on first use), then the capture of the next ones. Both run on
+        the capture's side stream, so lazy initialisation (cuBLAS workspaces, Triton's tuning)
+        happens before the capture and on its stream, as CUDA graphs require."""
+        self.graph, self.captured = None, ()  # free the previous graph's pool first
+        current, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            logits = self.step_fn(model, token, input_pos, caches)
+            static_token, static_pos = token.clone(), input_pos.clone()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side):  # records the kernels; runs none of them
+                    static_logits = self.step_fn(model, static_token, static_pos, caches)
+            except RuntimeError as error:
+                reason = " ".join(str(error).split())[:200]
+                warnings.warn(f"the compiled decoding step could not be captured in a CUDA graph ({reason}); it runs "
+                              "without one, one launch per kernel", stacklevel=5)
+                self.capture_failed = True
+        current.wait_stream(side)
+        logits.record_stream(current)
+        if not self.capture_failed:
+            self.graph, self.captured = graph, (model, caches, token.shape)
+            self.static_token, self.static_pos, self.static_logits = static_token, static_pos, static_logits
+        return logits
 
 
 #: ``(model, idx [B, W], lengths [B], caches) -> logits [B, V]``, as :func:`prefill`.
@@ -264,17 +330,14 @@ class Decoder:
 
     def _compiled_step(self, token: Tensor, pos: Tensor) -> Tensor:
         """The compiled step; if it cannot be compiled, the eager one after a one-line warning
-        with the reason (never silently). Also warns if CUDA graphs were skipped."""
+        with the reason (never silently)."""
         if token.stride() != (1, 1):  # e.g. a column slice: the compiled step is specialised to strides
             token = token.clone(memory_format=torch.contiguous_format)
-        skips = counters["inductor"]["cudagraph_skips"]
-        if self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         # Past the recompile limit Dynamo raises FailOnRecompileLimitHit under fullgraph (recent
         # torch) or would run eager in silence (torch without that default): both must end in the
         # warned fallback below, not a crash or silence. Only the first step on a set of caches
         # can compile (later ones pass the same shapes and buffers), so only it runs with the hard
-        # failure switched on; the rest skip the config patch, a few percent of a CUDA-graph step.
+        # failure switched on; the rest skip the config patch, a few percent of a graph replay.
         try:
             with _fail_on_recompile_limit() if self._step_unchecked else contextlib.nullcontext():
                 logits = self.step_fn(self.model, token, pos, self.caches)
@@ -284,9 +347,6 @@ class Decoder:
                           f"({compile_error_reason(error)}); decoding eagerly", stacklevel=3)
             self.compile, self.step_fn = False, decode_one_token
             return decode_one_token(self.model, token, pos, self.caches)
-        if counters["inductor"]["cudagraph_skips"] > skips:
-            warnings.warn("the compiled decoding step runs without CUDA graphs (TORCH_LOGS=perf_hints says why), "
-                          "one launch per kernel", stacklevel=3)
         # A CUDA graph's output lives in its static pool and is overwritten by the next replay.
         return logits.clone()
 
@@ -328,12 +388,7 @@ class Decoder:
         if self.caches_batch != batch:
             self.caches = self.model.new_caches(batch, self.capacity)
             self.caches_batch = batch
-            self._step_unchecked = True  # new buffers: the next compiled step may compile
-            if self.compile:
-                # Buffers the graph writes in place (and fixed ones such as KV positions) keep one
-                # address, so CUDA graphs read and write them directly instead of copying them.
-                for tensor in (t for cache in self.caches for t in vars(cache).values() if isinstance(t, Tensor)):
-                    torch._dynamo.mark_static_address(tensor)
+            self._step_unchecked = True  # new buffers: the next compiled step may compile (and is captured anew)
         return self.caches
 
     def cache_nbytes(self) -> int:

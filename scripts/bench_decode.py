@@ -151,14 +151,12 @@ def param_bytes(model: GPT) -> int:
 
 
 def fresh_compile_state() -> None:
-    """Forget every compiled graph and CUDA-graph recording before a row, so each row is timed as
-    the first decoder of a process (the CLI's case). Without it, a decoder whose step has the same
-    shapes as an earlier one's ran ~15% slower (measured: ``linear``, whose state does not grow
-    with the context, decoded 1,958 tok/s at a 1k context as the first such decoder and 1,644-1,675
-    as the second to fourth, at 1k or 16k; RESULTS.md 6e). The likely cause, read in the source and
-    not measured apart: CUDA-graph trees keep every recording of a compiled graph, and a replay
-    first checks (and fails) the recordings of the earlier decoders (``torch/_inductor/
-    cudagraph_trees.py``, ``_run``)."""
+    """Forget every compiled graph before a row, so each row compiles and is timed as the first
+    decoder of a process (the CLI's case). Under Inductor's CUDA-graph trees (the step before
+    ``CUDAGraphStep``) a decoder whose step had the same shapes as an earlier one's ran ~15% slower
+    (``linear``: 1,958 tok/s as the first such decoder, 1,644-1,675 as the second to fourth;
+    RESULTS.md 6e); each decoder's captured graph is now its own, so this keeps rows independent
+    of the order they run in."""
     torch._dynamo.reset()
 
 

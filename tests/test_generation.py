@@ -22,7 +22,7 @@ from attn_lm.data import LMDataModule
 from attn_lm.generate import generate
 from attn_lm.lit_module import LitGPT
 from attn_lm.attention import functional
-from attn_lm.decoding import Decoder, prefill, prefill_width
+from attn_lm.decoding import CUDAGraphStep, Decoder, prefill, prefill_width
 from attn_lm.sampling import filter_logits, sample_next
 
 from .helpers import small_config
@@ -295,10 +295,11 @@ def test_the_recompile_limit_of_the_step_is_a_warned_fallback(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
 @pytest.mark.parametrize("name", NAMES)
-def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch):
-    """On the GPU: the CUDA-graph step (reduce-overhead), alone and after the compiled prefill,
-    gives the eager step's and the uncached forward's greedy tokens, for a batch of left-padded
-    prompts (fp32, TF32 off, so the paths compute the same numbers up to summation order)."""
+def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch, recwarn):
+    """On the GPU: the step captured in a CUDA graph (CUDAGraphStep), alone and after the compiled
+    prefill, gives the eager step's and the uncached forward's greedy tokens, for a batch of
+    left-padded prompts (fp32, TF32 off, so the paths compute the same numbers up to summation
+    order); and neither the compilation nor the capture fell back."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = tiny_gpt(name).cuda()
@@ -308,6 +309,27 @@ def test_gpu_cuda_graph_step_equals_eager_and_uncached(name, monkeypatch):
     for options in ({"compile": True}, {"compile": True, "compile_prefill": True}, {"use_cache": False}):
         torch.testing.assert_close(model.generate(idx, 16, temperature=0, prompt_lengths=lengths, **options), eager,
                                    rtol=0, atol=0, msg=lambda m: f"{options}: {m}")
+    fallbacks = [str(w.message) for w in recwarn if "could not be captured" in str(w.message)
+                 or "cannot be compiled" in str(w.message)]
+    assert not fallbacks
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run with: pytest -m gpu)")
+@pytest.mark.parametrize("name", ["full", "local", "linear"])
+def test_gpu_decoder_recaptures_its_graph_for_new_caches(name, monkeypatch):
+    """One Decoder, two batch sizes: the second prefill allocates new caches, so the step is
+    captured again (a replay of the first graph would write the old caches); both generations
+    give the eager tokens."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny_gpt(name).cuda()
+    decoder, eager = Decoder(model, 24, compile=True), Decoder(model, 24)
+    for batch in (3, 1):
+        prompt = torch.randint(0, V, (batch, 6), device="cuda")
+        tokens = [torch.cat(list(d.stream(prompt, 12, temperature=0)), 1) for d in (decoder, eager)]
+        torch.testing.assert_close(*tokens, rtol=0, atol=0)
+        assert isinstance(decoder.step_fn, CUDAGraphStep) and decoder.step_fn.captured[1] is decoder.caches
 
 
 # ------------------------------------------------------------------------------ context window
