@@ -186,9 +186,14 @@ class CUDAGraphStep:
         if captured and captured[0] is model and captured[1] is caches and captured[2] == token.shape:
             self.static_token.copy_(token)
             self.static_pos.copy_(input_pos)
-            self.graph.replay()
+            if torch.cuda.current_device() == token.device.index:
+                self.graph.replay()
+            else:  # a model on another GPU than the current one: replay on its device's stream
+                with torch.cuda.device(token.device):
+                    self.graph.replay()
             return self.static_logits
-        return self._run_and_capture(model, token, input_pos, caches)
+        with torch.cuda.device(token.device):
+            return self._run_and_capture(model, token, input_pos, caches)
 
     def _run_and_capture(self, model: nn.Module, token: Tensor, input_pos: Tensor,
                          caches: Sequence[LayerCache]) -> Tensor:
