@@ -158,10 +158,10 @@ class CUDAGraphStep:
     it is that token's real step), then captures one more call into a CUDA graph whose inputs are
     two static tensors, the token and the positions. Every later call copies its token and
     positions into them and replays the graph: three launches of host work per token. Under
-    Inductor's own CUDA graphs (``mode="reduce-overhead"``, graph trees) the host spent 0.3-1 ms per
-    token in guards, wrappers and tree bookkeeping, against ~0.5 ms of GPU work per token at the
-    GPT-2-small shape, so a step was bound by the host in some processes and not in others
-    (benchmarks/RESULTS.md 6g).
+    Inductor's own CUDA graphs (``mode="reduce-overhead"``, graph trees, which evaluate Dynamo's
+    guards and check their recordings at every call) a decoding step took the host 0.4-1 ms, against
+    0.15-0.24 ms captured and ~0.5 ms of GPU work per token at the GPT-2-small shape, so a step was
+    bound by the host in some processes and not in others (benchmarks/RESULTS.md 6h).
 
     The graph reads the model's parameters and writes the caches at the addresses they had at
     capture, like the graph trees' static inputs: parameters and cache buffers must be updated in

@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
                    help="compile nothing: neither the step nor the prefill (compile=false)")
     p.add_argument("--untuned-step", action="store_true",
                    help="compile the step without Inductor's coordinate-descent tuning (Decoder(tune_step=False)): "
-                        "the plain reduce-overhead step, for an A/B in one call")
+                        "the plain compiled step, for an A/B in one call")
     p.add_argument("--compile-prefill", action="store_true",
                    help="compile the generation table's prefill too (Inductor, static width buckets; "
                         "compile_prefill=true)")
