@@ -7,17 +7,23 @@ Linear attention with a data-dependent forget gate per key channel: with ``alpha
 
 so ``o_i = sum_{j <= i} (q_i * prod_{t=j+1..i} alpha_t) . k_j  v_j``. The gate comes from the
 token through a low-rank projection, ``alpha_t = sigmoid(x_t W1 W2 + b)^(1/16)`` (the paper's rank
-16 and temperature 16, which keep gates near 1). ``project`` appends ``log alpha`` to each head's
+16 and temperature 16, which keep gates near 1), floored at ``e^-5`` (a gate that forgets more than
+99.3% of the state in one token forgets 99.3%; it bounds the chunkwise form's factors). ``project`` appends ``log alpha`` to each head's
 key (``[k | log alpha]``): RoPE, when set, rotates only the leading key channels, and the
 mechanism receives the gate with its key.
 
 * reference: the quadratic form with ``B = cumsum(log alpha)``: ``A_ij = sum_c q_ic k_jc
   exp(B_ic - B_jc)`` for ``j <= i`` -- ``O(T^2 D)`` time and memory (tests and user masks);
-* fast path, chunkwise (``chunk_size = C``): inside a chunk ``(q e^b)(k e^-b)^T`` with ``b`` the
-  cumulative log gate from the chunk start (``e^-b`` stays bounded inside a chunk with gates
-  near 1; fla adds secondary chunking for extreme gates), across chunks the decayed state; the
-  states before every chunk come from one per-channel decayed prefix sum (no loop over chunks).
-  ``O(T C D + T D^2)``;
+* fast path, chunkwise (``chunk_size = C``): inside a chunk the scores ``(q e^(b - b_r))(k
+  e^(b_r - b))^T`` with ``b`` the cumulative log gate, factored about the start ``r`` of the
+  query's sub-chunk of :data:`SUBCHUNK` tokens (fla's secondary chunking): a key before ``r``
+  and a query after it each get a factor <= 1, and a key inside the query's own sub-chunk a
+  factor of at most ``e^(15 * 5)``, since ``log alpha`` is floored at :data:`MIN_LOG_GATE`.
+  Factored about the chunk start instead, ``e^-b`` overflowed float32 once a chunk's gates
+  multiplied to below ``e^-88`` (``alpha < 0.25`` throughout a 64-token chunk: NaN outputs).
+  Across chunks the decayed state; the states before every chunk come from one per-channel
+  decayed prefix sum (no loop over chunks). ``O(T C D + T D^2)`` time, the keys held once per
+  sub-chunk of a chunk (``C / 16`` copies);
 * decoding: the recurrence itself, state ``S [B, H, D, D]`` (at least float32), ``O(D^2)``/token.
 
 Each head's output is RMS-normalised (the paper's per-head norm); its swish output gate is not
@@ -40,6 +46,34 @@ from .masks import MaskPattern, combine_custom_mask
 from .retention import MatrixStateAttention
 
 GATE_RANK, GATE_TEMPERATURE = 16, 16.0
+#: Floor of ``log alpha`` per token: 15 gates of a sub-chunk then decay by at most ``e^-75``, whose
+#: inverse (a key's factor inside its query's sub-chunk) stays inside float32 (``e^88``).
+MIN_LOG_GATE = -5.0
+#: Tokens per sub-chunk of the chunkwise scores (the reference points of their factorisation).
+SUBCHUNK = 16
+
+
+def intra_chunk_scores(qc: Tensor, kc: Tensor, b: Tensor) -> Tensor:
+    """``A_ij = sum_c q_ic k_jc e^(b_ic - b_jc)`` for ``j <= i`` (zero above) of chunks ``qc, kc,
+    b [B, H, N, C, D]`` (``b``: the cumulative log gate), as ``[B, H, N, C, C]``.
+
+    Each query ``i`` factors its scores about the start ``r`` of its sub-chunk:
+    ``(q_i e^(b_i - b_r)) . (k_j e^(b_r - b_j))``. For keys before ``r`` both factors are <= 1 (``b``
+    decreases); for keys in the query's own sub-chunk the key's factor is at most ``e^(-15 *
+    MIN_LOG_GATE)``; later keys meet no query of the sub-chunk and are zeroed in the exponent (an
+    infinite factor times a zero gradient would still be NaN)."""
+    C = qc.shape[3]
+    n = -(-C // SUBCHUNK)
+    start = torch.arange(n, device=qc.device) * SUBCHUNK  # [n]: each sub-chunk's reference point
+    b_ref = b[:, :, :, start]  # [B, H, N, n, D]
+    seen = torch.arange(C, device=qc.device) < (start + SUBCHUNK)[:, None]  # [n, C]: keys up to its end
+    k_rel = kc[:, :, :, None] * torch.where(seen[..., None], b_ref[:, :, :, :, None] - b[:, :, :, None],
+                                            float("-inf")).exp()  # [B, H, N, n, C, D]
+    q_rel = qc * (b - b_ref.repeat_interleave(SUBCHUNK, dim=3)[:, :, :, :C]).exp()
+    q_rel = F.pad(q_rel, (0, 0, 0, n * SUBCHUNK - C)).unflatten(3, (n, SUBCHUNK))  # [B, H, N, n, s, D]
+    scores = (q_rel @ k_rel.transpose(-2, -1)).flatten(3, 4)[:, :, :, :C]  # [B, H, N, C, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+    return scores.masked_fill(~causal, 0.0)
 
 
 def chunked_gla(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk_size: int,
@@ -52,8 +86,7 @@ def chunked_gla(q: Tensor, k: Tensor, v: Tensor, log_alpha: Tensor, chunk_size: 
     qc, kc, vc, gc = (split_chunks(t, C, front=True) for t in (q, k, v, log_alpha))
     N = qc.shape[2]
     b = gc.cumsum(dim=3)  # [B, H, N, C, D]: log decay from the chunk start to each token
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    inner = ((qc * b.exp()) @ (kc * (-b).exp()).transpose(-2, -1)).masked_fill(~causal, 0.0) @ vc
+    inner = intra_chunk_scores(qc, kc, b) @ vc
     last = b[:, :, :, -1:]  # [B, H, N, 1, D]
     chunk_state = (kc * (last - b).exp()).transpose(-2, -1) @ vc  # each chunk's keys at its end
     # before[n] = sum_{c < n} e^(L_n - L_{c+1}) * chunk_state[c] + e^(L_n) * state, per key channel,
@@ -89,10 +122,14 @@ class GatedLinearAttention(MatrixStateAttention):
         that replaces a loop over chunks): quadratic in ``T / C``, about a quarter of the layer's
         peak at 16k tokens with ``C = D = 64`` (without it the model was 20% low there). 1.5 live
         copies at a forward's peak (the exponent and its exponential), 2 with backward (measured
-        on CPU at 8k and 16k)."""
-        n = -(-seq_len // min(self.options.chunk_size, seq_len))
+        on CPU at 8k and 16k). Backward also keeps the keys of every sub-chunk's factorisation
+        (:func:`intra_chunk_scores`), ``C / 16`` key-sized tensors at 1.75 copies each (measured on
+        CPU at 1k-16k: +7 head copies at ``C = 64``, 20-25% of the peak)."""
+        C = min(self.options.chunk_size, seq_len)
+        n = -(-seq_len // C)
         weights = (2.0 if backward else 1.5) * batch * self.n_heads * (n + 1) * n * self.head_dim * max(elem, 4)
-        return super().core_bytes(batch, seq_len, elem, backward, fused) + weights
+        sub_keys = 1.75 * -(-C // SUBCHUNK) * batch * self.n_heads * seq_len * self.head_dim * max(elem, 4)
+        return super().core_bytes(batch, seq_len, elem, backward, fused) + weights + (sub_keys if backward else 0.0)
 
     def __init__(self, config, dims):
         super().__init__(config, dims)
@@ -102,7 +139,7 @@ class GatedLinearAttention(MatrixStateAttention):
     def project(self, x, context):
         q, k, v = super().project(x, context)
         log_alpha = F.logsigmoid(self.gate(x)).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
-        return q, torch.cat([k, log_alpha / GATE_TEMPERATURE], dim=-1), v
+        return q, torch.cat([k, (log_alpha / GATE_TEMPERATURE).clamp(min=MIN_LOG_GATE)], dim=-1), v
 
     def prepare(self, q, k, v):
         """``q, k / sqrt(D), v`` and ``log alpha`` (the key's appended half), at least float32."""
