@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from attn_lm import AttentionFactory
 from attn_lm.compare import build_report, load_runs, t_halfwidth
-from attn_lm.budgets import budget_summary, kernel_variants, process_count, steps_for_tokens
+from attn_lm.budgets import budget_summary, kernel_variants, process_count, register_resolvers, steps_for_tokens
 from attn_lm.cli import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,6 +150,21 @@ def test_missing_jobs_of_an_interrupted_sweep_are_listed(sweep, tmp_path):
     missing = sorted(" ".join(f.overrides) for f in failed if f.path is None)
     assert len(runs) == 4 and len(missing) == 2
     assert all("attention=gqa" in m for m in missing) and "seed=1" in missing[0] and "seed=2" in missing[1]
+
+
+def test_missing_jobs_resolve_the_presets_interpolated_sweep_values(sweep, tmp_path):
+    """compare_all/compare_recall save ``attention: ${attn_lm.mechanisms:...}`` in multirun.yaml;
+    reading it in a fresh process (no resolver registered yet) must not fail."""
+    shutil.copytree(sweep.dir, tmp_path / "sweep", ignore=shutil.ignore_patterns("checkpoints"))
+    saved = OmegaConf.load(tmp_path / "sweep" / "multirun.yaml")
+    saved.hydra.sweeper.params.attention = "${attn_lm.mechanisms:false}"  # the command line's attention wins
+    OmegaConf.save(saved, tmp_path / "sweep" / "multirun.yaml")
+    OmegaConf.clear_resolver("attn_lm.mechanisms")
+    try:
+        runs, failed = load_runs([tmp_path / "sweep"])
+    finally:
+        register_resolvers()
+    assert len(runs) == 4 and not [f for f in failed if f.path is None]
 
 
 def test_compare_script_with_wandb_offline(sweep, tmp_path):

@@ -168,6 +168,10 @@ def test_compare_recall_smoke_and_report(tmp_path):
     assert "## Recall: test accuracy against model width" in markdown and "| full | 32 |" in markdown
     assert "d_model=16 | d_model=32" in markdown and report.files["recall.png"].stat().st_size > 5000
     assert not report.failed
+    # 6 smoke steps do not let full attention recall: every cell is flagged, and the ranking says so.
+    for width in (16, 32):
+        assert f"- T=32, d_model={width}: **degenerate**: `full`, the control, reaches only" in markdown
+    assert "Not a recall ranking: the full-attention control does not solve" in markdown
 
 
 def test_adding_kernel_variants_keeps_finished_runs(tmp_path):
