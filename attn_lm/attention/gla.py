@@ -8,9 +8,9 @@ Linear attention with a data-dependent forget gate per key channel: with ``alpha
 so ``o_i = sum_{j <= i} (q_i * prod_{t=j+1..i} alpha_t) . k_j  v_j``. The gate comes from the
 token through a low-rank projection, ``alpha_t = sigmoid(x_t W1 W2 + b)^(1/16)`` (the paper's rank
 16 and temperature 16, which keep gates near 1), floored at ``e^-5`` (a gate that forgets more than
-99.3% of the state in one token forgets 99.3%; it bounds the chunkwise form's factors). ``project`` appends ``log alpha`` to each head's
-key (``[k | log alpha]``): RoPE, when set, rotates only the leading key channels, and the
-mechanism receives the gate with its key.
+99.3% of the state in one token forgets 99.3%; it bounds the chunkwise form's factors).
+``project`` appends ``log alpha`` to each head's key (``[k | log alpha]``): RoPE, when set, rotates
+only the leading key channels, and the mechanism receives the gate with its key.
 
 * reference: the quadratic form with ``B = cumsum(log alpha)``: ``A_ij = sum_c q_ic k_jc
   exp(B_ic - B_jc)`` for ``j <= i`` -- ``O(T^2 D)`` time and memory (tests and user masks);
