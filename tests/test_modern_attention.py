@@ -225,9 +225,10 @@ def test_gla_chunkwise_equals_the_gated_recurrence():
 
 
 def test_gla_chunkwise_stays_finite_down_to_the_gate_floor():
-    """Gates at the floor (alpha = e^-5 every token) across 64-token chunks, float32: the
-    chunkwise form and its gradients stay finite and equal the float64 recurrence (factored about
-    the chunk start, e^-b reached e^315 and the output was NaN below alpha ~ 0.25)."""
+    """Gates down to the floor (alpha = e^-5) across chunks of 64 and of 40 tokens (sub-chunks that
+    do not divide the chunk), float32: the chunkwise form equals the float64 recurrence and its
+    gradients the float64 ones, all finite (factored about the chunk start, e^-b reached e^315 and
+    the output was NaN below alpha ~ 0.25)."""
     from attn_lm.attention.gla import MIN_LOG_GATE, chunked_gla
 
     torch.manual_seed(0)
@@ -238,12 +239,16 @@ def test_gla_chunkwise_stays_finite_down_to_the_gate_floor():
     for t in range(T):
         state = log_alpha[:, :, t, :, None].exp() * state + k[:, :, t, :, None] * v[:, :, t, None, :]
         recurrent.append(q[:, :, t:t + 1] @ state)
-    inputs = [t.float().requires_grad_() for t in (q, k, v, log_alpha)]
-    out, final = chunked_gla(*inputs, 64)
-    torch.testing.assert_close(out.double(), torch.cat(recurrent, dim=2), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(final.double(), state, rtol=1e-4, atol=1e-4)
-    out.sum().backward()
-    assert all(torch.isfinite(t.grad).all() for t in inputs)
+    for C in (64, 40):
+        inputs = [t.float().requires_grad_() for t in (q, k, v, log_alpha)]
+        exact = [t.clone().requires_grad_() for t in (q, k, v, log_alpha)]
+        out, final = chunked_gla(*inputs, C)
+        torch.testing.assert_close(out.double(), torch.cat(recurrent, dim=2), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(final.double(), state, rtol=1e-4, atol=1e-4)
+        out.sum().backward()
+        chunked_gla(*exact, C)[0].sum().backward()
+        for ours, reference in zip(inputs, exact):
+            torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-3, atol=1e-3)
 
 
 def test_gla_floors_its_gates():
