@@ -11,8 +11,8 @@ setting that differs between them, except the seed), and writes into ``--out``:
   failed or never ran, and the plots;
 * ``summary.csv`` — the same numbers per group (means and standard deviations), ``runs.csv`` —
   one row per run, failed ones included;
-* ``pareto.png``  — perplexity vs training tokens/s, the Pareto front (no other group is both
-  faster and better) marked;
+* ``pareto.png``  — quality (perplexity, or accuracy for recall runs) vs training tokens/s, the
+  Pareto front (no other group is both faster and better) marked;
 * ``val_loss.png`` — validation loss over steps and over training time, from each run's
   ``csv/version_*/metrics.csv`` (time = the sum of the measured step times before each
   evaluation, so evaluation itself is not counted);
@@ -291,11 +291,13 @@ def quality_metric(groups: Sequence[Group]) -> Metric:
 
 
 def mark_pareto(groups: Sequence[Group]) -> None:
-    """Flag the groups that no other group *of the same sequence length* beats on both perplexity
-    (lower) and tokens/s (higher): runs at different lengths are not comparable on either axis."""
-    quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
+    """Flag the groups that no other group *of the same sequence length* beats on both quality (the
+    ranking metric: perplexity, lower, or recall accuracy, higher) and tokens/s (higher): runs at
+    different lengths are not comparable on either axis."""
+    quality, speed = ranking_metric(groups), METRIC["tokens_per_s"]
+    sign = -1.0 if quality.higher_is_better else 1.0  # compare "lower is better" throughout
     points = [(g, g.mean(quality), g.mean(speed)) for g in groups]
-    points = [(g, q, s) for g, q, s in points if q is not None and s is not None]
+    points = [(g, sign * q, s) for g, q, s in points if q is not None and s is not None]
     for g, q, s in points:
         g.pareto = not any(q2 <= q and s2 >= s and (q2 < q or s2 > s)
                            for g2, q2, s2 in points if g2.block_size == g.block_size)
@@ -593,7 +595,8 @@ def markdown_report(groups: Sequence[Group], failed: Sequence[FailedRun], plots:
                   f"{', '.join(kinds)}" + (" (cpu_peak_rss: each run's own peak resident set size, reset at "
                                            "its start; cpu_max_rss: the process high-water mark, which runs that "
                                            "shared a process inherit)" if any("cpu" in k for k in kinds) else "")
-                  + ". Pareto: no other row of the same T has both lower perplexity and higher tokens/s.", ""]
+                  + f". Pareto: no other row of the same T has both better {ranking_metric(groups).header} and "
+                  "higher tokens/s.", ""]
         lines += recall_table(groups)
         lines += ["## Rankings", ""] + ranking_lines(groups)
         crossings = crossover_lines(groups)
@@ -694,10 +697,11 @@ def numbered_legend(fig, plt, groups: Sequence[Group], color: Mapping[str, Any])
 
 
 def plot_pareto(groups: Sequence[Group], path: Path) -> None:
-    """Perplexity against tokens/s, one panel per sequence length, the Pareto front dashed; points
-    carry their table row number (a legend table names them: 20 labels would collide)."""
+    """Quality (the ranking metric) against tokens/s, one panel per sequence length, the Pareto
+    front dashed; points carry their table row number (a legend table names them: 20 labels would
+    collide)."""
     plt = _pyplot()
-    quality, speed = quality_metric(groups), METRIC["tokens_per_s"]
+    quality, speed = ranking_metric(groups), METRIC["tokens_per_s"]
     color = label_colors(plt, (g.label for g in groups))
     points = [(n, g, g.mean(speed), g.mean(quality)) for n, g in enumerate(groups, 1) if g.mean(speed) and g.mean(quality)]
     lengths = sorted({g.block_size for _, g, _, _ in points}) or [0]
@@ -714,7 +718,7 @@ def plot_pareto(groups: Sequence[Group], path: Path) -> None:
         scale_axis(ax, "x", [x for _, _, x, _ in panel], _si_axis())
         scale_axis(ax, "y", [y for _, _, _, y in panel])
         ax.set_xlabel("training tokens/s (higher is better)")
-        ax.set_ylabel(f"{quality.header} (lower is better)")
+        ax.set_ylabel(f"{quality.header} ({'higher' if quality.higher_is_better else 'lower'} is better)")
         ax.set_title(f"T={length}: {quality.header} vs throughput (★ and dashed: Pareto front)")
         ax.grid(alpha=0.3, which="both")
     numbered_legend(fig, plt, [g for _, g, _, _ in points], color)

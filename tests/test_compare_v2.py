@@ -149,6 +149,22 @@ def test_axes_go_log_past_3x_and_print_k_and_m():
     plt.close(fig)
 
 
+def test_recall_pareto_front_prefers_higher_accuracy():
+    """For recall runs quality is accuracy (higher is better), as in the ranking: a faster group
+    with lower accuracy and a slower one with higher accuracy are both on the front, and a group
+    that is slower and less accurate than another is not (perplexity's direction would invert it)."""
+    from attn_lm.compare import Group, Run, mark_pareto
+
+    def group(name, accuracy, tokens_per_s, ppl):
+        results = {"tokens_per_s": tokens_per_s, "val_metrics": {"val/accuracy": accuracy},
+                   "test_metrics": {"test/accuracy": accuracy, "test/ppl": ppl}}
+        return Group(name, 64, {}, [Run(Path(name), results, name, 64, 1, {})])
+
+    fast, accurate, dominated = group("linear", 0.3, 2e6, 9.0), group("full", 0.99, 1e6, 1.1), group("mla", 0.5, 0.9e6, 1.0)
+    mark_pareto([fast, accurate, dominated])
+    assert (fast.pareto, accurate.pareto, dominated.pareto) == (True, True, False)
+
+
 # ----------------------------------------------------------------------------- recall end to end
 def test_compare_recall_smoke_and_report(tmp_path):
     root = tmp_path / "recall"
@@ -172,6 +188,7 @@ def test_compare_recall_smoke_and_report(tmp_path):
     for width in (16, 32):
         assert f"- T=32, d_model={width}: **degenerate**: `full`, the control, reaches only" in markdown
     assert "Not a recall ranking: the full-attention control does not solve" in markdown
+    assert "Pareto: no other row of the same T has both better test accuracy and higher tokens/s" in markdown
 
 
 def test_adding_kernel_variants_keeps_finished_runs(tmp_path):
