@@ -427,13 +427,14 @@ def ranking_lines(groups: Sequence[Group]) -> list[str]:
     """Per sequence length, the groups best first; a rank whose interval overlaps the one above is
     marked "not separable": the seeds do not tell those two apart."""
     metric = ranking_metric(groups)
+    degenerate = recall_controls(groups, metric) if metric.higher_is_better else {}
     lines = []
     for length in sorted({g.block_size for g in groups}):
         ranked = sorted((g for g in groups if g.block_size == length and g.mean(metric) is not None),
                         key=lambda g: g.mean(metric), reverse=metric.higher_is_better)
         lines += [f"### T={length}, by {metric.header} ({'higher' if metric.higher_is_better else 'lower'} is better)",
                   ""]
-        if metric.higher_is_better and recall_controls(groups, metric).get(length):
+        if degenerate.get(length):
             lines += ["Not a recall ranking: the full-attention control does not solve every cell of this length "
                       "(see the recall section).", ""]
         for rank, (above, g) in enumerate(zip([None, *ranked], ranked), 1):
