@@ -82,6 +82,7 @@ class LitGPT(L.LightningModule):
         ``return_logits=False`` for the fused head and loss (:mod:`attn_lm.loss`)."""
         if self._compiled is None:
             return self.model(idx, targets, return_logits=return_logits)
+        self.model.prepare_fused(idx.shape[1], idx.device)  # outside the graph: see its docstring
         if self.compile_mode == "reduce-overhead":
             # Each call replays the graph into the same output buffers: declare a new step, so
             # CUDA graph trees never wait for the previous step's outputs to die.

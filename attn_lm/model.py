@@ -143,6 +143,12 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_parameters(non_embedding=True) + 12 * cfg.n_layer * cfg.d_model * seq_len
 
+    def prepare_fused(self, seq_len: int, device: torch.device) -> None:
+        """Build each layer's per-length state (FlexAttention block masks) eagerly, before a
+        compiled forward of ``seq_len`` tokens reads it (:meth:`Attention.prepare_fused`)."""
+        for block in self.blocks:
+            block.attn.prepare_fused(seq_len, device)
+
     def new_caches(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
                    device: Optional[torch.device] = None) -> list[LayerCache]:
         """One preallocated decoding cache per layer for positions ``0 .. max_len - 1``, each in its

@@ -103,3 +103,36 @@ def test_compile_mode_is_checked():
     with pytest.raises(ValueError, match="reduce-overhead"):
         LitGPT(GPTConfig(vocab_size=32, context_len=8, n_layer=1, d_model=16, n_heads=2), {}, compile=True,
                compile_mode="max-speed")
+
+
+@pytest.mark.parametrize("name", ["sink", "local"])
+def test_compiled_training_builds_block_masks_outside_the_graph(name, monkeypatch):
+    """A BlockMask built while the step is traced is an output of the step's graph; under CUDA
+    graphs (compile_mode=reduce-overhead) the next replay overwrote it and the run failed
+    ("accessing tensor output of CUDAGraphs that has been overwritten", sink, an H200). LitGPT
+    builds the masks eagerly before each compiled call, so no BlockMask is made while tracing."""
+    from torch.nn.attention import flex_attention
+
+    from attn_lm.lit_module import LitGPT
+
+    monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+    built_while_tracing = []
+    create = flex_attention.create_block_mask
+
+    def recording_create(*args, **kwargs):
+        built_while_tracing.append(torch.compiler.is_compiling())
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(flex_attention, "create_block_mask", recording_create)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, context_len=32, n_layer=1, d_model=64, n_heads=2, position="rope",
+                       attention=AttentionConfig(attention_type=name, options={"window_size": 8}))
+    module = LitGPT(config, {}, compile=True)
+    module.configure_model()
+    idx, targets = (torch.randint(97, (2, 32)) for _ in range(2))
+    with torch.no_grad():  # FlexAttention has no backward on CPU; the forward trace is what matters
+        for _ in range(2):
+            module(idx, targets, return_logits=False)
+    assert built_while_tracing == [False]
+

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..cache import KVCache, LayerCache
 from ..positions import ALiBi, Rotary
 from .config import AttentionConfig, AttentionDims, NoOptions
-from .functional import flex_supports, reference_attention, softmax_attention
+from .functional import flex_supports, gpu_dispatch, reference_attention, softmax_attention
 from .masks import MaskPattern, combine_custom_mask, validate_custom_mask
 
 
@@ -277,6 +277,13 @@ class Attention(nn.Module):
                          mask: Optional[Tensor]) -> Tensor:
         raise NotImplementedError
 
+    def prepare_fused(self, seq_len: int, device: torch.device) -> None:
+        """Build, outside any compiled graph, what a full forward of ``seq_len`` tokens on
+        ``device`` reads besides its inputs (default: nothing). Compiled training calls it before
+        every step (:class:`~attn_lm.lit_module.LitGPT`): state built *inside* a graph and kept
+        for later steps would be that graph's output, which CUDA graphs overwrite at the next
+        replay."""
+
     def check_length(self, end: int) -> None:
         """Raise unless positions ``0 .. end - 1`` are defined for this mechanism (default: all).
         Called with host ints -- a sequence's length, a decoding cache's size -- so no step has to
@@ -323,6 +330,14 @@ class SoftmaxAttention(Attention):
         self.pattern = self.build_pattern()
         #: SDPA backends this layer pins (``None``: the library's fastest-first order on GPU).
         self.sdpa_backends: Optional[tuple] = None
+
+    def prepare_fused(self, seq_len, device):
+        """The FlexAttention ``BlockMask`` of the pattern (cached on it), where the GPU dispatch
+        would build one: a sparse pattern or ALiBi. Built lazily inside a compiled step, it became
+        an output of the step's CUDA graph, overwritten by the next replay (``compile_mode=
+        reduce-overhead`` failed for ``sink``)."""
+        if (not self.pattern.is_full or self.alibi is not None) and gpu_dispatch(torch.empty(0, device=device)):
+            self.pattern.block_mask(seq_len, seq_len, device)
 
     #: The scores' head width differs from the values' (diff's halves, mla's rotary slice):
     #: PyTorch's CPU SDPA then runs its math kernel, which materialises the scores.
