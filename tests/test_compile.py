@@ -136,3 +136,35 @@ def test_compiled_training_builds_block_masks_outside_the_graph(name, monkeypatc
             module(idx, targets, return_logits=False)
     assert built_while_tracing == [False]
 
+
+def flex_pattern_names() -> list[str]:
+    """Mechanisms whose full forward takes FlexAttention on the GPU: a sparse mask pattern."""
+    from attn_lm import AttentionDims
+
+    dims = AttentionDims(d_model=64, n_heads=2, max_seq_len=64)
+    patterns = {name: getattr(AttentionFactory.create_attention(AttentionConfig(attention_type=name), dims), "pattern", None)
+                for name in NAMES}
+    return [name for name, pattern in patterns.items() if pattern is not None and not pattern.is_full]
+
+
+@pytest.mark.parametrize("name", flex_pattern_names())
+def test_compiled_evaluation_with_rope_equals_the_reference_on_the_gpu_dispatch_path(name, monkeypatch):
+    """Evaluation (no autograd) of a compiled model with RoPE through FlexAttention: Inductor read
+    ``v``, a strided slice of the fused projection, wrongly once RoPE made q and k new buffers; the
+    compiled validation loss of sparse patterns was off on the GPU (RESULTS.md 5e) while eager was
+    right. The dispatch now hands FlexAttention a contiguous ``v`` there."""
+    from attn_lm.attention.base import reference_mode
+
+    monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, context_len=64, n_layer=1, d_model=64, n_heads=2, position="rope",
+                       attention=AttentionConfig(attention_type=name))
+    model = GPT(config).eval()
+    idx = torch.randint(97, (2, 64))
+    with torch.no_grad():
+        with reference_mode(model):
+            expected = model(idx)[0]
+        model.prepare_fused(64, idx.device)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0]
+    torch.testing.assert_close(compiled, expected, rtol=1e-4, atol=1e-4)

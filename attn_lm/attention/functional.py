@@ -177,6 +177,13 @@ def softmax_attention(
         if dropout_p > 0.0:
             _warn_flex_dropout()
         score_mod = alibi.score_mod() if alibi is not None else None
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            # Inductor's FlexAttention lowering without autograd (torch 2.11 on an H200, 2.13 on
+            # CPU) read ``v`` wrongly when it was a strided slice of the fused q/k/v projection and
+            # q, k were new buffers (RoPE): compiled evaluation of every sparse pattern with RoPE
+            # was off (MQAR sink: val loss 7.0 against eager's 5.9 at the same weights). A
+            # contiguous ``v`` is read right. With autograd (training) the output was right.
+            v = v.contiguous()
         block_mask = pattern.block_mask(q.shape[-2], k.shape[-2], q.device)
         return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
     if mask is None and alibi is None and q_pos.dim() == kv_pos.dim() == 1:
