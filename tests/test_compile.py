@@ -142,9 +142,9 @@ def flex_pattern_names() -> list[str]:
     from attn_lm import AttentionDims
 
     dims = AttentionDims(d_model=64, n_heads=2, max_seq_len=64)
-    patterns = {name: getattr(AttentionFactory.create_attention(AttentionConfig(attention_type=name), dims), "pattern", None)
-                for name in NAMES}
-    return [name for name, pattern in patterns.items() if pattern is not None and not pattern.is_full]
+    layers = {name: AttentionFactory.create_attention(AttentionConfig(attention_type=name), dims) for name in NAMES}
+    return [name for name, layer in layers.items()
+            if getattr(layer, "pattern", None) is not None and not layer.pattern.is_full]
 
 
 @pytest.mark.parametrize("name", flex_pattern_names())

@@ -181,7 +181,7 @@ def softmax_attention(
             # Inductor's FlexAttention lowering without autograd (torch 2.11 on an H200, 2.13 on
             # CPU) read ``v`` wrongly when it was a strided slice of the fused q/k/v projection and
             # q, k were new buffers (RoPE): compiled evaluation of every sparse pattern with RoPE
-            # was off (MQAR sink: val loss 7.0 against eager's 5.9 at the same weights). A
+            # was off (MQAR sink: val loss 7.0 against eager's 5.9, same training run). A
             # contiguous ``v`` is read right. With autograd (training) the output was right.
             v = v.contiguous()
         block_mask = pattern.block_mask(q.shape[-2], k.shape[-2], q.device)
