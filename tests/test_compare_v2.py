@@ -165,6 +165,23 @@ def test_recall_pareto_front_prefers_higher_accuracy():
     assert (fast.pareto, accurate.pareto, dominated.pareto) == (True, True, False)
 
 
+def test_recall_control_reports_each_seed():
+    """A cell whose control solved one seed of two is degenerate (mean below 0.9), and the warning
+    shows the seeds, so a seed-dependent control is not mistaken for one that never learns."""
+    from attn_lm.compare import Group, Run, ranking_metric, recall_controls
+
+    def group(name, accuracies):
+        runs = [Run(Path(f"{name}{seed}"), {"test_metrics": {"test/accuracy": a}}, name, 64, seed,
+                    {"model.d_model": 128}) for seed, a in enumerate(accuracies, 1)]
+        return Group(name, 64, {}, runs)
+
+    groups = [group("full", [0.993, 0.525]), group("gla", [0.995, 0.947])]
+    (warning,) = recall_controls(groups, ranking_metric(groups))[64]
+    assert "**degenerate**" in warning and "reaches only 0.759" in warning
+    assert "per seed 0.993, 0.525: solved in 1 of 2" in warning
+    assert recall_controls([group("full", [0.993, 0.998]), groups[1]], ranking_metric(groups)) == {}
+
+
 # ----------------------------------------------------------------------------- recall end to end
 def test_compare_recall_smoke_and_report(tmp_path):
     root = tmp_path / "recall"
