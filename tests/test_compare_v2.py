@@ -39,15 +39,41 @@ def test_mqar_layout_targets_and_seeded_splits():
     assert len(pairs) == 4 and all(1 <= k < 32 <= v < 64 for k, v in pairs.items())  # keys / values halves
     scored = (y != -1).nonzero().flatten().tolist()
     assert len(scored) == 3 and min(scored) >= 8
-    for i in scored:  # a query repeats a key; its target is that key's value, the next input token
-        assert y[i] == pairs[int(x[i])] == x[i + 1]
+    for i in scored:  # a query repeats a key; its target is that key's value, never shown after it
+        assert y[i] == pairs[int(x[i])] and x[i + 1] == 0
+    assert not (x[8:] >= 32).any()  # no value after the pairs: nothing tells which ones were asked
     assert torch.equal(x, dm.datasets["train"][3][0])  # deterministic
+    shown = MQARDataModule(vocab_size=64, block_size=32, num_kv_pairs=4, num_queries=3, eval_examples=5, seed=7,
+                           answers_in_input=True)
+    x_shown, y_shown = shown.datasets["train"][3]
+    assert torch.equal(y_shown, y) and all(x_shown[i + 1] == y[i] for i in scored)  # the earlier layout
     other_seed = MQARDataModule(vocab_size=64, block_size=32, num_kv_pairs=4, num_queries=3, eval_examples=5, seed=8)
     assert not torch.equal(x, other_seed.datasets["train"][3][0])
     assert torch.equal(dm.datasets["validation"][0][0], other_seed.datasets["validation"][0][0])  # eval_seed
     assert not torch.equal(dm.datasets["validation"][0][0], dm.datasets["test"][0][0])
     with pytest.raises(ValueError, match="more than block_size"):
         MQARDataModule(vocab_size=64, block_size=16, num_kv_pairs=5)
+
+
+def test_shown_answers_let_elimination_score_without_recall():
+    """With each query's value shown after its key (answers_in_input=True), a rule that recalls
+    nothing -- answer with the first pair's value not shown yet -- scores H_P / P (0.52 at 4 pairs,
+    the GPU plateau of RESULTS.md 5e); in the default layout it scores chance, 1 / P."""
+    from attn_lm.data.mqar import MQARSequences
+
+    def eliminator_accuracy(answers_in_input: bool) -> float:
+        data = MQARSequences("validation", 0, 2000, 512, 64, 4, 4, answers_in_input=answers_in_input)
+        right = total = 0
+        for x, y in (data[i] for i in range(len(data))):
+            values, shown = x[1:8:2].tolist(), set()
+            for t in (y != -1).nonzero().flatten().tolist():
+                guess = next((v for v in values if v not in shown), values[0])  # values may repeat
+                right, total = right + int(guess == y[t]), total + 1
+                shown.add(int(x[t + 1]))
+        return right / total
+
+    assert abs(eliminator_accuracy(True) - (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4) < 0.02
+    assert abs(eliminator_accuracy(False) - 1 / 4) < 0.02
 
 
 def test_accuracy_counts_scored_targets_only():

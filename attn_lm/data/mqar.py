@@ -1,10 +1,17 @@
 """Multi-query associative recall (MQAR; Arora et al. 2023, "Zoology"), generated in process.
 
 A sequence of ``seq_len`` tokens holds ``num_kv_pairs`` key-value pairs first, then
-``num_queries`` queries, each a key from those pairs followed by its value, at random slots of the
-rest (filler token ``0`` in between)::
+``num_queries`` queries, each a key from those pairs at a random even slot of the rest (filler
+token ``0`` everywhere else)::
 
-    k1 v1 k2 v2 ... kP vP  0 0 k2 v2 0 k1 v1 0 ...
+    k1 v1 k2 v2 ... kP vP  0 0 k2 0 0 0 k1 0 ...
+
+As in Zoology's generator, a query's value is never shown in the input: it is only the target.
+``answers_in_input=True`` writes it after its key (``... k2 v2 ... k1 v1``), the layout this
+module had before; there, with every key queried once, a model that predicts any pair's value
+not yet shown answers the i-th of ``P`` queries with probability ``1 / (P - i + 1)`` without
+recalling anything (``H_P / P``: 0.52 at 4 pairs, 0.21 at 16), which is where recurrent
+mechanisms plateaued on the GPU (benchmarks/RESULTS.md 5e).
 
 Keys are drawn from ``[1, vocab_size/2)``, values from ``[vocab_size/2, vocab_size)`` (as in
 Zoology, so a key is never mistaken for a value). The target at a query's key position is its
@@ -33,10 +40,11 @@ class MQARSequences(Dataset):
     """Item ``i``: ``(x, y)`` int64 tensors of ``seq_len``; depends only on ``(split, seed, i)``."""
 
     def __init__(self, split: str, seed: int, size: int, vocab_size: int, seq_len: int, num_kv_pairs: int,
-                 num_queries: int) -> None:
+                 num_queries: int, answers_in_input: bool = False) -> None:
         self.split_id, self.seed, self.size = SPLIT_IDS[split], seed, size
         self.vocab_size, self.seq_len = vocab_size, seq_len
         self.num_kv_pairs, self.num_queries = num_kv_pairs, num_queries
+        self.answers_in_input = answers_in_input
 
     def __len__(self) -> int:
         return self.size
@@ -52,8 +60,10 @@ class MQARSequences(Dataset):
         asked = rng.choice(P, Q, replace=Q > P)  # every key once when Q == P
         free_slots = (self.seq_len - 2 * P) // 2  # query slots: pairs of positions after the pairs
         starts = 2 * P + 2 * np.sort(rng.choice(free_slots, Q, replace=False))
-        x[starts], x[starts + 1] = keys[asked], values[asked]
-        y[starts] = values[asked]  # at the key, predict its value: the next token
+        x[starts] = keys[asked]
+        if self.answers_in_input:  # the earlier layout: it leaks which values are still unasked (module docstring)
+            x[starts + 1] = values[asked]
+        y[starts] = values[asked]  # at the key, predict its value
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -64,7 +74,8 @@ class MQARDataModule(L.LightningDataModule):
     ``num_kv_pairs`` / ``num_queries`` (``None`` = ``num_kv_pairs``) must fit:
     ``2 * num_kv_pairs + 2 * num_queries <= block_size``. ``samples_per_epoch`` training sequences
     per epoch (fresh ones every epoch), ``eval_examples`` validation and test sequences (at most
-    ``max_eval_tokens // block_size`` when that is set)."""
+    ``max_eval_tokens // block_size`` when that is set). ``answers_in_input``: the earlier layout,
+    which shows each query's value after its key (a shortcut, see the module docstring)."""
 
     #: Scored by accuracy on the queried values (``LitGPT`` reports ``val/accuracy``).
     reports_accuracy = True
@@ -74,7 +85,8 @@ class MQARDataModule(L.LightningDataModule):
     def __init__(self, vocab_size: int = 8192, block_size: int = 256, num_kv_pairs: int = 16,
                  num_queries: Optional[int] = None, batch_size: int = 64, eval_batch_size: Optional[int] = None,
                  samples_per_epoch: int = 100_000, eval_examples: int = 3_000, seed: int = 1337,
-                 eval_seed: int = 0, num_workers: int = 0, max_eval_tokens: Optional[int] = None) -> None:
+                 eval_seed: int = 0, num_workers: int = 0, max_eval_tokens: Optional[int] = None,
+                 answers_in_input: bool = False) -> None:
         super().__init__()
         num_queries = num_kv_pairs if num_queries is None else num_queries
         if max_eval_tokens is not None:  # as for text data (debug=smoke): about that many evaluation tokens
@@ -94,7 +106,7 @@ class MQARDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.samples_per_epoch, self.num_workers = samples_per_epoch, num_workers
         shape = {"vocab_size": vocab_size, "seq_len": block_size, "num_kv_pairs": num_kv_pairs,
-                 "num_queries": num_queries}
+                 "num_queries": num_queries, "answers_in_input": bool(answers_in_input)}
         self.fingerprint = {"source": "mqar", **shape, "seed": seed, "eval_seed": eval_seed,
                             "eval_examples": eval_examples}
         self.datasets = {"train": MQARSequences("train", seed, samples_per_epoch, **shape),
