@@ -17,6 +17,8 @@ import torch
 from attn_lm import GPT, AttentionConfig, AttentionFactory, GPTConfig
 from attn_lm.attention import functional
 
+from .helpers import build
+
 NAMES = AttentionFactory.names()
 
 
@@ -139,10 +141,7 @@ def test_compiled_training_builds_block_masks_outside_the_graph(name, monkeypatc
 
 def flex_pattern_names() -> list[str]:
     """Mechanisms whose full forward takes FlexAttention on the GPU: a sparse mask pattern."""
-    from attn_lm import AttentionDims
-
-    dims = AttentionDims(d_model=64, n_heads=2, max_seq_len=64)
-    layers = {name: AttentionFactory.create_attention(AttentionConfig(attention_type=name), dims) for name in NAMES}
+    layers = {name: build(name) for name in NAMES}
     return [name for name, layer in layers.items()
             if getattr(layer, "pattern", None) is not None and not layer.pattern.is_full]
 

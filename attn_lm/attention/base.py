@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..cache import KVCache, LayerCache
 from ..positions import ALiBi, Rotary
 from .config import AttentionConfig, AttentionDims, NoOptions
-from .functional import flex_supports, gpu_dispatch, reference_attention, softmax_attention
+from .functional import flex_supports, gpu_branch, reference_attention, softmax_attention
 from .masks import MaskPattern, combine_custom_mask, validate_custom_mask
 
 
@@ -336,7 +336,7 @@ class SoftmaxAttention(Attention):
         would build one: a sparse pattern or ALiBi. Built lazily inside a compiled step, it became
         an output of the step's CUDA graph, overwritten by the next replay (``compile_mode=
         reduce-overhead`` failed for ``sink``)."""
-        if (not self.pattern.is_full or self.alibi is not None) and gpu_dispatch(torch.empty(0, device=device)):
+        if (not self.pattern.is_full or self.alibi is not None) and gpu_branch(device):
             self.pattern.block_mask(seq_len, seq_len, device)
 
     #: The scores' head width differs from the values' (diff's halves, mla's rotary slice):

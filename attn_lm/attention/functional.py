@@ -92,6 +92,12 @@ def gpu_dispatch(q: Tensor) -> bool:
     return q.is_cuda or FORCE_GPU_DISPATCH
 
 
+def gpu_branch(device: torch.device | str) -> bool:
+    """:func:`gpu_dispatch` for tensors that will live on ``device``, outside any traced call (state
+    built ahead of it, without allocating a probe tensor per step)."""
+    return torch.device(device).type == "cuda" or FORCE_GPU_DISPATCH
+
+
 def sdpa_backends(q: Tensor, pinned: Optional[Sequence[SDPBackend]] = None, masked: bool = False):
     """Context selecting SDPA backends: ``pinned`` (the ``sdpa`` mechanism's choice) on any
     device, else the fastest-first priority on GPU, else PyTorch's default.
