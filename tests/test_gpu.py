@@ -7,7 +7,8 @@ import torch
 
 from attn_lm import AttentionFactory
 
-from .test_compile import training_graph_report
+from .helpers import small_config
+from .test_compile import flex_pattern_names, training_graph_report
 
 pytestmark = pytest.mark.gpu
 
@@ -47,6 +48,32 @@ def test_compiled_fullgraph_step_equals_eager(name):
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(losses[1], losses[0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grads[1], grads[0], rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", flex_pattern_names())
+def test_compiled_evaluation_with_rope_equals_eager(name, dtype, monkeypatch):
+    """Compiled forward without autograd (evaluation, a compiled prefill) of every sparse pattern
+    with RoPE, 2 layers, against eager on CUDA. Its CPU twin (test_compile.py) passed after
+    091b2eb, yet on an H200 the compiled validation loss of `sink` + RoPE stayed far above the
+    training loss (RESULTS.md 5f); this says whether the GPU lowering is still wrong. Training
+    runs are guarded either way (LitGPT checks its first evaluation batch against eager)."""
+    from attn_lm import GPT, GPTConfig
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, context_len=64, n_layer=2, d_model=128, n_heads=2, position="rope",
+                       attention=small_config(name))  # windows well inside T: the masks matter
+    model = GPT(config).cuda().eval()
+    idx = torch.randint(512, (8, 64), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        eager = model(idx)[0].float()
+        model.prepare_fused(64, idx.device)
+        compiled = torch.compile(model, fullgraph=True, dynamic=False)(idx)[0].float()
+    tol = 1e-3 if dtype == "float32" else 5e-2
+    torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)
 
 
 def test_cuda_graph_steps_equal_plain_compiled_steps():
@@ -154,6 +181,7 @@ def fla_or_xfail(layer, q, k, v, decay, monkeypatch):
     from attn_lm.attention import fla_kernels
 
     monkeypatch.setattr(fla_kernels, "_FAILED", set())
+    monkeypatch.setattr(fla_kernels, "_BACKWARD_OK", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = layer.fla_scan(q.bfloat16(), k.bfloat16(), v.bfloat16(), decay, lambda: None)
@@ -174,14 +202,15 @@ def test_fla_kernel_equals_the_pytorch_chunkwise_form(name, opts, monkeypatch):
     fla_leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     out = fla_or_xfail(layer, *fla_leaves, decay, monkeypatch)
     grads = torch.autograd.grad(out, fla_leaves, grad_out)
-    rel = ((out - expected).norm() / expected.norm()).item()
-    print(f"\n{IDS[MATRIX_STATE.index((name, opts))]}: fla bf16 vs PyTorch fp32: output max abs err "
-          f"{(out - expected).abs().max().item():.3e}, rel {rel:.3e}")
-    assert rel < 2e-2
-    for label, g, ref in zip("qkv", grads, expected_grads):
-        g_rel = ((g.float() - ref).norm() / ref.norm()).item()
-        print(f"  d{label}: max abs err {(g.float() - ref).abs().max().item():.3e}, rel {g_rel:.3e}")
-        assert g_rel < 5e-2, label
+    errors = {"output": (out, expected), **{f"d{label}": (g.float(), ref)
+                                               for label, g, ref in zip("qkv", grads, expected_grads)}}
+    # One line with every error, printed and in the assertion message: under pytest-xdist a
+    # worker's output is not shown, and a failure must say by how much.
+    rel = {key: ((got - ref).norm() / ref.norm()).item() for key, (got, ref) in errors.items()}
+    report = (f"{IDS[MATRIX_STATE.index((name, opts))]}: fla bf16 vs PyTorch fp32, max abs / rel err: " + "; ".join(
+        f"{key} {(got - ref).abs().max().item():.3e} / {rel[key]:.3e}" for key, (got, ref) in errors.items()))
+    print("\n" + report)
+    assert rel["output"] < 2e-2 and all(rel[f"d{label}"] < 5e-2 for label in "qkv"), report
 
 
 @pytest.mark.parametrize("name,opts", MATRIX_STATE, ids=IDS)

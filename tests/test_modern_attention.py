@@ -389,6 +389,7 @@ def test_fla_hook_transposes_and_falls_back_with_one_notice(name, opts, monkeypa
     expected = build(name, kernel="torch", **opts)(x)
     monkeypatch.setattr(retention, "wants_fla", lambda kernel, t: kernel != "torch")
     monkeypatch.setattr(fla_kernels, "_FAILED", set())
+    monkeypatch.setattr(fla_kernels, "_BACKWARD_OK", set())
     calls = []
 
     def stand_in(q, k, v, *gates, scale):
@@ -404,7 +405,11 @@ def test_fla_hook_transposes_and_falls_back_with_one_notice(name, opts, monkeypa
 
     monkeypatch.setattr(fla_kernels, "fla_function", lambda module, fn: stand_in)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
-    assert calls == [(2, 11, 4, 8)]
+    assert calls == [(2, 11, 4, 8)] * 2  # the first differentiable call probes fla's backward first
+    layer(x)
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 4  # probed once per kernel and dtype; no probe without autograd
 
     def refuses(*args, **kwargs):
         raise AssertionError("does not support float64")
@@ -420,3 +425,37 @@ def test_fla_hook_transposes_and_falls_back_with_one_notice(name, opts, monkeypa
     monkeypatch.setattr(fla_kernels, "fla_function", lambda module, fn: None)
     with pytest.warns(UserWarning, match="is not installed; using the PyTorch chunkwise form"):
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class ForwardOnlyFla(torch.autograd.Function):
+    """A stand-in for an fla kernel whose forward runs and whose backward refuses (fla 0.6.0's
+    gated kernels on Hopper with Triton 3.4-3.7.0 raise in chunk_bwd_dqkwg, fla issue #640)."""
+
+    @staticmethod
+    def forward(ctx, q):
+        return q.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results")
+
+
+def test_fla_refusing_in_its_backward_falls_back_before_the_forward_is_used(monkeypatch):
+    """A training call probes fla's backward first, so a refusal there still hands the call to the
+    PyTorch form (with the one-line notice) instead of failing in loss.backward(); evaluation
+    (no autograd) uses fla's forward without a probe."""
+    from attn_lm.attention import fla_kernels
+
+    monkeypatch.setattr(fla_kernels, "_FAILED", set())
+    monkeypatch.setattr(fla_kernels, "_BACKWARD_OK", set())
+    monkeypatch.setattr(fla_kernels, "fla_function",
+                        lambda module, fn: lambda q, k, v, *gates, scale: (ForwardOnlyFla.apply(q), None))
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fla_kernels.run_fla("m", "kernel", lambda: None, q, k, v, scale=1.0), q)
+    q.requires_grad_()
+    fallback = lambda: 2 * q  # noqa: E731
+    with pytest.warns(UserWarning, match=r"fla\.ops\.m\.kernel refused torch.float32 \(RuntimeError: Triton >= 3.4"):
+        out = fla_kernels.run_fla("m", "kernel", fallback, q, k, v, scale=1.0)
+    out.sum().backward()
+    torch.testing.assert_close(q.grad, torch.full_like(q, 2.0))
