@@ -208,6 +208,21 @@ def test_recall_control_reports_each_seed():
     assert recall_controls([group("full", [0.993, 0.998]), groups[1]], ranking_metric(groups)) == {}
 
 
+def test_recall_control_that_failed_one_seed_makes_the_cell_unreliable():
+    """The mean of the control can clear 0.9 while a seed of it stayed below (5f: 0.849 and
+    0.985): that seed ranked learning speed, so the cell is flagged and its ranking is not a
+    recall ranking."""
+    from attn_lm.compare import Group, Run, ranking_lines, ranking_metric, recall_controls
+
+    groups = [Group(name, 64, {}, [Run(Path(f"{name}{seed}"), {"test_metrics": {"test/accuracy": a}}, name, 64, seed,
+                                       {"model.d_model": 128}) for seed, a in enumerate(accuracies, 1)])
+              for name, accuracies in (("full", [0.849, 0.985]), ("diff", [0.999, 1.0]))]
+    (warning,) = recall_controls(groups, ranking_metric(groups))[64]
+    assert "**unreliable**" in warning and "averages 0.917" in warning
+    assert "per seed 0.849, 0.985: solved in 1 of 2" in warning
+    assert any(line.startswith("Not a recall ranking") for line in ranking_lines(groups))
+
+
 # ----------------------------------------------------------------------------- recall end to end
 def test_compare_recall_smoke_and_report(tmp_path):
     root = tmp_path / "recall"
