@@ -36,7 +36,11 @@ per generation, Inductor's fusion removes most of its launches, and a graph per 
 that width's activations in the graph pool. Off by default because compiling costs seconds to
 save milliseconds per prompt: worth it for many prompts (a server, a benchmark), not for one
 (``python -m attn_lm.generate``, where the ``compile_prefill`` key turns it on). Re-runs without
-caches (``use_cache=False``, or past the context window below) stay eager.
+caches (``use_cache=False``, or past the context window below) stay eager. The first compiled
+prefill of each (bucket, batch) of a model is checked against the eager prefill (which then
+rewrites the caches): if their logits disagree (:data:`PREFILL_RTOL`), a warning says so and that
+model prefills eagerly from then on, in every decoder (compiled FlexAttention without autograd was
+silently wrong once on the GPU, benchmarks/RESULTS.md 5f).
 
 Batches of prompts of different lengths: prompts come left-padded (row ``b``'s prompt is its
 last ``prompt_lengths[b]`` tokens, as in Hugging Face), are right-aligned to positions
@@ -58,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Callable, Optional
 
@@ -242,6 +247,22 @@ def prefill_width(width: int, capacity: int) -> int:
     return min(capacity, max(MIN_PREFILL_WIDTH, 1 << (width - 1).bit_length()))
 
 
+#: How far (relative norm) a compiled prefill's logits may be from the eager prefill's: bf16
+#: rounding moves them by ~1e-2 per element at most, their norm far less.
+PREFILL_RTOL = 2e-2
+#: Per model, the (width, batch) shapes whose compiled prefill was checked against eager; and the
+#: models whose compiled prefill disagreed, which prefill eagerly from then on.
+_PREFILL_CHECKED: "weakref.WeakKeyDictionary[nn.Module, set[tuple[int, int]]]" = weakref.WeakKeyDictionary()
+_PREFILL_DISAGREES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def prefill_disagrees(compiled: Tensor, eager: Tensor) -> bool:
+    """Whether compiled prefill logits differ from the eager ones by more than :data:`PREFILL_RTOL`
+    in relative norm (or are not finite where eager's are)."""
+    compiled, eager = compiled.float(), eager.float()
+    return not bool((compiled - eager).norm() <= PREFILL_RTOL * eager.norm())
+
+
 def compile_prefill_fn() -> PrefillFn:
     """:func:`prefill` compiled as one graph (``fullgraph``: a graph break is an error, never a
     silent eager fallback) with Inductor and static shapes (``dynamic=False``: each width bucket,
@@ -287,7 +308,10 @@ class Decoder:
         if untraceable:
             warnings.warn("compile_prefill: the prefill runs eagerly, since " +
                           "; ".join(f"{name}: {why}" for name, why in untraceable.items()), stacklevel=2)
-        self.compile_prefill = compile_prefill and not untraceable
+        if compile_prefill and model in _PREFILL_DISAGREES:
+            warnings.warn("compile_prefill: the prefill runs eagerly, since this model's compiled prefill "
+                          "disagreed with the eager one (see the earlier warning)", stacklevel=2)
+        self.compile_prefill = compile_prefill and not untraceable and model not in _PREFILL_DISAGREES
         self.prefill_fn: PrefillFn = compile_prefill_fn() if self.compile_prefill else prefill
         self.caches: list[LayerCache] = []
         self.caches_batch = 0
@@ -374,18 +398,34 @@ class Decoder:
         right-padded to the width bucket (:func:`prefill_width`); ``lengths`` is always passed, so
         a batch of equal prompts and one of uneven prompts share a graph. If it cannot be
         compiled: the eager prefill after a one-line warning with the reason (never silently);
-        the eager prefill rewrites every cache slot a step reads, whatever a failed call left."""
+        the eager prefill rewrites every cache slot a step reads, whatever a failed call left. The
+        first call of each (width, batch) of a model is checked against the eager prefill
+        (module docstring)."""
         width = prefill_width(max(lengths), self.capacity)
         context = self.tokens[:, :width].contiguous()  # a fresh [B, width] tensor: the same strides for every decoder
         rows = torch.tensor(lengths, device=context.device)
+        checked = _PREFILL_CHECKED.setdefault(self.model, set())
+        shape = (width, len(lengths))
+        eager = None if shape in checked else prefill(self.model, context, rows, caches)  # the check's reference
         try:
             with _fail_on_recompile_limit():
-                return self.prefill_fn(self.model, context, rows, caches)
+                logits = self.prefill_fn(self.model, context, rows, caches)  # rewrites the caches
         except COMPILE_ERRORS as error:
             warnings.warn(f"the prefill of {'/'.join(sorted(set(self.model.layer_types)))} cannot be compiled "
                           f"({compile_error_reason(error)}); prefilling eagerly", stacklevel=4)
             self.compile_prefill, self.prefill_fn = False, prefill
             return prefill(self.model, context, rows, caches)
+        if eager is None:
+            return logits
+        checked.add(shape)
+        if not prefill_disagrees(logits, eager):
+            return logits
+        _PREFILL_DISAGREES.add(self.model)
+        self.compile_prefill, self.prefill_fn = False, prefill
+        warnings.warn(f"the compiled prefill of {'/'.join(sorted(set(self.model.layer_types)))} disagrees with "
+                      f"the eager prefill (width {width}, batch {len(lengths)}); prefilling this model eagerly "
+                      "from now on", stacklevel=4)
+        return prefill(self.model, context, rows, caches)
 
     def _caches(self, batch: int) -> list[LayerCache]:
         """The caches, allocated at the first prefill of a batch size and reused (prefill rewrites

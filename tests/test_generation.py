@@ -251,6 +251,66 @@ def test_a_prefill_that_cannot_be_compiled_falls_back_to_eager_with_the_reason(m
     torch.testing.assert_close(logits, Decoder(model, 10).prefill(prompt), rtol=1e-5, atol=1e-5)
 
 
+def counting_prefill(offset: float = 0.0):
+    """A stand-in for the compiled prefill: the eager prefill (caches written as it writes them),
+    ``offset`` added to its logits (a compiler bug), counting its calls."""
+    calls = []
+
+    def fn(model, idx, lengths=None, caches=None):
+        calls.append(idx.shape)
+        return prefill(model, idx, lengths, caches) + offset
+    return fn, calls
+
+
+def test_a_compiled_prefill_that_disagrees_with_eager_is_replaced_by_eager_for_that_model():
+    """The first compiled prefill of each width and batch is checked against the eager prefill; a
+    disagreeing one (RESULTS.md 5f: compiled FlexAttention without autograd was wrong on the GPU)
+    warns, returns the eager logits with the eager caches, and that model prefills eagerly in
+    every later decoder too."""
+    model = tiny_gpt("local")
+    prompt = torch.randint(0, V, (2, 6))
+    eager = Decoder(model, 20)
+    expected = eager.prefill(prompt)
+    decoder = Decoder(model, 20, compile_prefill=True)
+    decoder.prefill_fn, calls = counting_prefill(offset=1.0)
+    with pytest.warns(UserWarning, match=r"compiled prefill of local disagrees with the eager prefill \(width 16, "
+                                         r"batch 2\); prefilling this model eagerly"):
+        torch.testing.assert_close(decoder.prefill(prompt), expected, rtol=1e-5, atol=1e-5)
+    assert not decoder.compile_prefill and len(calls) == 1
+    token = torch.randint(0, V, (2, 1))
+    torch.testing.assert_close(decoder.step(token), eager.step(token), rtol=1e-5, atol=1e-5)  # eager caches
+    with pytest.warns(UserWarning, match="compiled prefill disagreed with the eager one"):
+        assert not Decoder(model, 20, compile_prefill=True).compile_prefill
+
+
+def test_an_agreeing_compiled_prefill_is_checked_once_per_width_and_batch(monkeypatch):
+    """Within the tolerance the compiled prefill's own logits and caches are used; the eager
+    reference runs only at the first prefill of each (width, batch) of the model."""
+    from attn_lm import decoding
+
+    model = tiny_gpt("linear")
+    reference = decoding.prefill
+    eager_calls = []
+
+    def eager_prefill(*args):
+        eager_calls.append(args[1].shape)
+        return reference(*args)
+
+    decoder = Decoder(model, 40, compile_prefill=True)
+    decoder.prefill_fn, calls = counting_prefill(offset=1e-4)
+    monkeypatch.setattr(decoding, "prefill", eager_prefill)
+    for width, batch in ((6, 2), (5, 2), (6, 3), (20, 2)):
+        logits = decoder.prefill(torch.randint(0, V, (batch, width)))
+        # the stand-in's own logits (eager + 1e-4), not the eager reference's
+        torch.testing.assert_close(logits, reference(model, decoder.tokens[:, :width]) + 1e-4, rtol=1e-5, atol=1e-6)
+    second = Decoder(model, 40, compile_prefill=True)
+    second.prefill_fn = decoder.prefill_fn
+    second.prefill(torch.randint(0, V, (2, 7)))
+    assert decoder.compile_prefill and second.compile_prefill
+    assert [tuple(s) for s in calls] == [(2, 16), (2, 16), (3, 16), (2, 32), (2, 16)]
+    assert [tuple(s) for s in eager_calls] == [(2, 16), (3, 16), (2, 32)]  # the bucket widths, once each
+
+
 @pytest.mark.skipif(not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"), reason="torch < 2.7")
 def test_the_recompile_limit_is_a_warned_fallback_not_a_silent_one(monkeypatch):
     """Past Dynamo's recompile limit a compiled function raises (fullgraph, recent torch) or runs
