@@ -37,10 +37,11 @@ that width's activations in the graph pool. Off by default because compiling cos
 save milliseconds per prompt: worth it for many prompts (a server, a benchmark), not for one
 (``python -m attn_lm.generate``, where the ``compile_prefill`` key turns it on). Re-runs without
 caches (``use_cache=False``, or past the context window below) stay eager. The first compiled
-prefill of each (bucket, batch) of a model is checked against the eager prefill (which then
-rewrites the caches): if their logits disagree (:data:`PREFILL_RTOL`), a warning says so and that
-model prefills eagerly from then on, in every decoder (compiled FlexAttention without autograd was
-silently wrong once on the GPU, benchmarks/RESULTS.md 5f).
+prefill of each (bucket, batch) of a model is checked against an eager prefill run just before it
+(the compiled one then rewrites the caches): if their logits disagree (:data:`PREFILL_RTOL`), a
+warning says so, the eager prefill runs again into the caches and that model prefills eagerly from
+then on, in every decoder (compiled FlexAttention without autograd was silently wrong once on the
+GPU, benchmarks/RESULTS.md 5f).
 
 Batches of prompts of different lengths: prompts come left-padded (row ``b``'s prompt is its
 last ``prompt_lengths[b]`` tokens, as in Hugging Face), are right-aligned to positions
