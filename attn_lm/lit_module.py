@@ -150,8 +150,9 @@ class LitGPT(L.LightningModule):
             return logits, loss
         self._compiled_eval_agrees = False
         warnings.warn(f"compiled evaluation disagrees with the eager model on the first {split} batch at step "
-                      f"{self.global_step} (loss {float(loss):.4f} against {float(eager_loss):.4f}), where the two should compute the "
-                      "same numbers; evaluating eagerly from now on (training stays compiled)", stacklevel=2)
+                      f"{self.global_step} (loss {float(loss):.4f} against {float(eager_loss):.4f}), where the "
+                      "two should compute the same numbers; evaluating eagerly from now on (training stays "
+                      "compiled)", stacklevel=2)
         return eager_logits, eager_loss
 
     def _pad_eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
