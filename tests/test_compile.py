@@ -86,6 +86,26 @@ def test_heads_narrower_than_flex_kernels_take_the_dense_path(monkeypatch):
             monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("length", [64, 256])
+def test_flex_calls_never_take_the_decoding_kernel(grad, length, monkeypatch):
+    """Every FlexAttention call of the dispatch asks Inductor for its main kernel: below 128
+    queries and without autograd Inductor would pick the flex decoding kernel, which returned
+    wrong outputs on an H200 (RESULTS.md 2l; the GPU test is test_gpu.py's compiled evaluation
+    with RoPE). Checked here on the arguments the call receives; the kernels only on the GPU."""
+    from attn_lm.attention.masks import SlidingWindowPattern
+
+    monkeypatch.setattr(functional, "FORCE_GPU_DISPATCH", True)
+    q, k, v = torch.randn(3, 1, 2, length, functional.FLEX_MIN_HEAD_DIM, requires_grad=grad).unbind(0)
+    pos = torch.arange(length)
+    options = []
+    record = lambda *args, **kwargs: options.append(kwargs["kernel_options"]) or q  # noqa: E731
+    monkeypatch.setattr(functional, "_flex_attention", lambda: record)
+    with torch.set_grad_enabled(grad):
+        functional.softmax_attention(q, k, v, SlidingWindowPattern(window=3), pos, pos, contiguous_positions=True)
+    assert options == [{"FORCE_USE_FLEX_ATTENTION": True}]
+
+
 def test_pinned_backend_holds_on_the_gpu_branch(monkeypatch):
     """A pinned backend (the sdpa mechanism's option) is never reordered by the dispatch."""
     from torch.nn.attention import SDPBackend, _cur_sdpa_kernel_backends

@@ -130,6 +130,14 @@ def flex_dispatch(q: Tensor, v: Tensor) -> bool:
     return gpu_dispatch(q) and flex_supports(q.shape[-1], v.shape[-1])
 
 
+#: Never Inductor's flex *decoding* kernel, which it picks for queries shorter than 128 when no
+#: gradient is needed (``_use_flex_decoding``): on an H200 (torch 2.11) it returned wrong outputs
+#: for some q/k/v layouts, e.g. a 2-layer RoPE model at T=64 compiled for evaluation (2.5e-2 of the
+#: logits' range off in fp32, where eager is off by 3e-7; RESULTS.md 2l), which made compiled
+#: validation of every sparse pattern with RoPE wrong at MQAR's T=64. The main kernel is right
+#: there; training (which needs the backward) never used the decoding kernel.
+FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
+
 _compiled_flex = None
 
 
@@ -184,14 +192,15 @@ def softmax_attention(
             _warn_flex_dropout()
         score_mod = alibi.score_mod() if alibi is not None else None
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            # Inductor's FlexAttention lowering without autograd (torch 2.11 on an H200, 2.13 on
-            # CPU) read ``v`` wrongly when it was a strided slice of the fused q/k/v projection and
-            # q, k were new buffers (RoPE): compiled evaluation of every sparse pattern with RoPE
-            # was off (MQAR sink: val loss 7.0 against eager's 5.9, same training run). A
-            # contiguous ``v`` is read right. With autograd (training) the output was right.
+            # Inductor's CPU lowering of FlexAttention without autograd (torch 2.13) read ``v``
+            # wrongly when it was a strided slice of the fused q/k/v projection and RoPE had made
+            # q and k new buffers (test_compile.py's RoPE evaluation test fails without this). A
+            # contiguous ``v`` is read right. The GPU's error there was the decoding kernel's
+            # (FLEX_KERNEL_OPTIONS), which a contiguous ``v`` did not fix.
             v = v.contiguous()
         block_mask = pattern.block_mask(q.shape[-2], k.shape[-2], q.device)
-        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa)
+        return _flex_attention()(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=gqa,
+                                 kernel_options=FLEX_KERNEL_OPTIONS)
     if mask is None and alibi is None and q_pos.dim() == kv_pos.dim() == 1:
         bias, empty_row = pattern_bias(pattern, q_pos, kv_pos, q.dtype)
     else:
