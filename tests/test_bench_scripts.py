@@ -282,3 +282,42 @@ def test_idle_gaps_of_kernel_intervals(monkeypatch):
     spec.loader.exec_module(module)
     busy, gaps = module.idle_gaps([(0, 10), (5, 20), (30, 35), (50, 51)])
     assert busy == 26 and gaps == [(15, 35), (10, 20)]
+
+
+def test_check_compiled_eval_writes_every_evaluation_of_a_compiled_run(tmp_path):
+    """scripts/check_compiled_eval.py runs the real job (compiled, fp32 on CPU: all four losses
+    equal) and writes one row per evaluation, the run's final one included."""
+    report = tmp_path / "eval.txt"
+    run_script("check_compiled_eval.py", "--out", str(report), "--", "experiment=compare_recall", "trainer=cpu",
+               "debug=smoke", "data.block_size=32", "model.d_model=16", "attention=local", "model.position=rope",
+               "compile=true", "compile_mode=default", "trainer.enable_progress_bar=false",
+               "test_after_training=false", f"hydra.run.dir={tmp_path / 'run'}")
+    rows = table_rows(report.read_text())
+    assert [row[:2] for row in rows] == [["3", "val"], ["6", "val"], ["6", "val"]]
+    for row in rows:
+        losses = [float(value) for value in row[2:6]]
+        assert max(losses) - min(losses) < 1e-3 and row[6] == "agree", row
+
+
+def test_check_compiled_eval_names_the_loss_nearer_the_reference(capsys, monkeypatch):
+    """A compiled loss far from float32 is a disagreement that the eager model is nearer to."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from attn_lm import GPT, AttentionConfig, GPTConfig
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("_script_check_compiled_eval", SCRIPTS / "check_compiled_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, context_len=16, n_layer=1, d_model=16, n_heads=2,
+                          attention=AttentionConfig(attention_type="full"))).eval()
+    x, y = torch.randint(64, (2, 16)), torch.randint(64, (2, 16))
+    with torch.no_grad():
+        loss = model(x, y)[1]
+        module = SimpleNamespace(model=model, global_step=7)
+        wrong, right = ([cell.strip() for cell in script.compare_row(module, x, y, value, split).strip("|").split("|")]
+                        for value, split in ((loss + 0.5, "val"), (loss, "test")))
+    assert wrong[:2] == ["7", "val"] and wrong[6:] == ["DISAGREE", "eager"]
+    assert right[:2] == ["7", "test"] and right[6:] == ["agree", "equal"]
