@@ -13,15 +13,17 @@ the same for every row of a shape, so rows stay comparable. It is not measured o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import runpy
 import shlex
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, TextIO
+from typing import Any, Callable, Iterator, Optional, Sequence, TextIO
 
 import torch
 
@@ -232,3 +234,24 @@ def csv_ints(text: str) -> list[int]:
 
 def csv_strs(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
+
+
+@contextlib.contextmanager
+def report_stream(path: Optional[str]) -> Iterator[TextIO]:
+    """The file at ``path`` (closed afterwards), or stdout when ``path`` is None."""
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w") as out:
+        yield out
+
+
+def run_training_job(overrides: Sequence[str]) -> None:
+    """``python -m attn_lm.train OVERRIDES`` in this process, so that a script's patches of
+    ``LitGPT`` apply to the real job; a clean exit returns, a failing one raises."""
+    sys.argv = ["attn_lm.train", *overrides]
+    try:
+        runpy.run_module("attn_lm.train", run_name="__main__")
+    except SystemExit as done:
+        if done.code:
+            raise

@@ -24,7 +24,6 @@ was such a case). The last column names the one nearer the reference.
 from __future__ import annotations
 
 import argparse
-import runpy
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 
 from attn_lm.attention.base import reference_mode  # noqa: E402
 from attn_lm.lit_module import EVAL_ATOL, EVAL_RTOL, LitGPT  # noqa: E402
+from _bench_common import report_stream, run_training_job  # noqa: E402
 
 HEADER = "| step | split | compiled | eager | eager, autocast off | reference, autocast off | compiled vs eager | nearer the reference |"
 
@@ -79,17 +79,9 @@ def main() -> None:
     p.add_argument("--out", type=str, default=None, help="write the table here (default: stdout)")
     args, overrides = p.parse_known_args()
     overrides = [o for o in overrides if o != "--"]
-    out = open(args.out, "w") if args.out else sys.stdout
-    rows = install(out)
-    sys.argv = ["attn_lm.train", *overrides]
-    try:
-        runpy.run_module("attn_lm.train", run_name="__main__")
-    except SystemExit as done:
-        if done.code:
-            raise
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    with report_stream(args.out) as out:
+        rows = install(out)
+        run_training_job(overrides)
     if not rows:
         raise SystemExit("no compiled evaluation ran: the model was not compiled (compile=auto compiles on the GPU "
                          "only; pass compile=true) or the run never evaluated")

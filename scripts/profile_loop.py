@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import runpy
 import sys
 import time
 import traceback
@@ -36,7 +35,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from attn_lm.lit_module import LitGPT  # noqa: E402
-from _bench_common import idle_gaps  # noqa: E402
+from _bench_common import idle_gaps, report_stream, run_training_job  # noqa: E402
 
 
 class LoopProbe:
@@ -118,18 +117,10 @@ def main() -> None:
         first, last = getattr(args, name)
         if not 0 <= first < last:
             p.error(f"--{name.replace('_', '-')} takes FROM < TO, got {first} {last}")
-    out = open(args.out, "w") if args.out else sys.stdout
-    probe = LoopProbe(tuple(args.sync_steps), tuple(args.profile_steps), out)
-    LitGPT.on_train_batch_start = lambda module, batch, batch_idx: probe.on_step(module.global_step)
-    sys.argv = ["attn_lm.train", *overrides]
-    try:
-        runpy.run_module("attn_lm.train", run_name="__main__")
-    except SystemExit as done:
-        if done.code:
-            raise
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    with report_stream(args.out) as out:
+        probe = LoopProbe(tuple(args.sync_steps), tuple(args.profile_steps), out)
+        LitGPT.on_train_batch_start = lambda module, batch, batch_idx: probe.on_step(module.global_step)
+        run_training_job(overrides)
 
 
 if __name__ == "__main__":
